@@ -1,0 +1,1 @@
+"""Training recipes built on verl (installed as a pinned dependency)."""

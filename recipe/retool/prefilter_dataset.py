@@ -1,0 +1,230 @@
+"""Prefilter a prepared parquet file by token length, with the target model's chat template.
+
+    python -m recipe.retool.prefilter_dataset --input IN.parquet --output OUT.parquet --tokenizer PATH
+    ./recipe/retool/preprocess_data.sh IN OUT TOKENIZER [--max-prompt-tokens N ...]
+
+The schema is detected from the columns:
+
+- SFT rows (``messages`` [+ ``tools``]): the *prompt* is everything before the first assistant
+  turn, rendered with the tool schema and the generation prompt; the *response* is the rest of
+  the conversation (assistant turns, tool calls and tool outputs).
+- RL rows (``prompt``): the prompt is the chat prompt rendered with the code tool's schema (as
+  the rollout renders it); RL rows have no reference response.
+
+Rows over ``--max-prompt-tokens`` (default 2048) or ``--max-response-tokens`` (default 4096) are
+written, with their lengths, to ``OUT.dropped.parquet`` rather than lost. Tokenizing runs in
+``--workers`` processes (default: all cores), in chunks, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recipe.retool.data import DataError, load_code_tool_schema, write_parquet
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER = None
+_TOOLS: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class FilterResult:
+    kept: int
+    dropped: int
+    prompt_lengths: np.ndarray
+    response_lengths: np.ndarray
+    seconds: float
+
+    def summary(self) -> str:
+        def stats(x: np.ndarray) -> str:
+            if x.size == 0 or not x.any():
+                return "n/a"
+            p50, p90, p99 = np.percentile(x, [50, 90, 99])
+            return f"mean {x.mean():.0f}, p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {x.max()}"
+
+        total = self.kept + self.dropped
+        return (
+            f"kept {self.kept}/{total} rows, dropped {self.dropped} "
+            f"({self.dropped / max(total, 1):.1%}) in {self.seconds:.1f}s\n"
+            f"  prompt tokens:   {stats(self.prompt_lengths)}\n"
+            f"  response tokens: {stats(self.response_lengths)}"
+        )
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+
+
+def _init_worker(tokenizer_path: str, tools: list[dict[str, Any]] | None) -> None:
+    global _TOKENIZER, _TOOLS
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _TOKENIZER = load_tokenizer(tokenizer_path)
+    _TOOLS = tools
+
+
+def _render_len(messages: list[dict[str, Any]], tools, add_generation_prompt: bool) -> int:
+    ids = _TOKENIZER.apply_chat_template(
+        messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+def _lengths_sft(row_messages: list[dict[str, Any]], row_tools) -> tuple[int, int]:
+    first_assistant = next((i for i, m in enumerate(row_messages) if m.get("role") == "assistant"), len(row_messages))
+    prompt_len = _render_len(row_messages[:first_assistant], row_tools, add_generation_prompt=True)
+    total_len = _render_len(row_messages, row_tools, add_generation_prompt=False)
+    return prompt_len, max(total_len - prompt_len, 0)
+
+
+def _measure_chunk(chunk: list[tuple[int, str, Any, Any]]) -> list[tuple[int, int, int]]:
+    """(row index, kind, messages, tools) → (row index, prompt tokens, response tokens)."""
+    out = []
+    for index, kind, messages, tools in chunk:
+        if kind == "sft":
+            p, r = _lengths_sft(messages, tools)
+        else:
+            p, r = _render_len(messages, tools if tools is not None else _TOOLS, add_generation_prompt=True), 0
+        out.append((index, p, r))
+    return out
+
+
+def _to_python(value: Any) -> Any:
+    """Parquet gives numpy arrays for lists; the chat template wants plain lists and dicts."""
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_to_python(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_python(v) for k, v in value.items()}
+    return value
+
+
+def _rows_to_measure(df, path: str) -> Iterable[tuple[int, str, Any, Any]]:
+    if "messages" in df.columns:
+        kind, col = "sft", "messages"
+    elif "prompt" in df.columns:
+        kind, col = "rl", "prompt"
+    else:
+        raise DataError(f"{path}: expected a 'messages' (SFT) or 'prompt' (RL) column; columns: {list(df.columns)}")
+    has_tools = "tools" in df.columns
+    for i, messages in enumerate(df[col]):
+        messages = _to_python(messages)
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise DataError(f"{path}, row {i}, field '{col}': expected a list of chat messages, got {type(messages).__name__}")
+        tools = _to_python(df["tools"].iloc[i]) if has_tools else None
+        if kind == "sft" and tools:
+            # parquet fills struct fields missing in one row with None; drop those keys again
+            tools = [_drop_none(t) for t in tools]
+        yield i, kind, [_drop_none(m) for m in messages], tools
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    if isinstance(d, list):
+        return [_drop_none(v) for v in d]
+    return d
+
+
+def measure_lengths(
+    df, path: str, tokenizer: str, workers: int, chunk_size: int = 256, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm import tqdm
+
+    tools = [load_code_tool_schema()]
+    items = list(_rows_to_measure(df, path))
+    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    prompt = np.zeros(len(items), dtype=np.int64)
+    response = np.zeros(len(items), dtype=np.int64)
+    bar = tqdm(total=len(items), desc="tokenizing", unit="row", disable=not progress or None)
+
+    def collect(results: list[tuple[int, int, int]]) -> None:
+        for index, p, r in results:
+            prompt[index], response[index] = p, r
+        bar.update(len(results))
+
+    if workers <= 1:
+        _init_worker(tokenizer, tools)
+        for chunk in chunks:
+            collect(_measure_chunk(chunk))
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer, tools)) as pool:
+            for results in pool.map(_measure_chunk, chunks):
+                collect(results)
+    bar.close()
+    return prompt, response
+
+
+def prefilter(
+    input_path: str | Path,
+    output_path: str | Path,
+    tokenizer: str,
+    max_prompt_tokens: int = 2048,
+    max_response_tokens: int = 4096,
+    workers: int | None = None,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> FilterResult:
+    import pandas as pd
+
+    start = time.perf_counter()
+    try:
+        df = pd.read_parquet(input_path)
+    except Exception as exc:
+        raise DataError(f"{input_path}: cannot read parquet: {type(exc).__name__}: {exc}") from exc
+    workers = workers or os.cpu_count() or 1
+    prompt, response = measure_lengths(df, str(input_path), tokenizer, workers, chunk_size, progress)
+    keep = (prompt <= max_prompt_tokens) & (response <= max_response_tokens)
+    kept = df[keep].reset_index(drop=True)
+    dropped = df[~keep].assign(prompt_tokens=prompt[~keep], response_tokens=response[~keep]).reset_index(drop=True)
+    write_parquet(kept.to_dict("records"), output_path)
+    dropped_path = Path(str(output_path).removesuffix(".parquet") + ".dropped.parquet")
+    if len(dropped):
+        write_parquet(dropped.to_dict("records"), dropped_path)
+    else:
+        dropped_path.unlink(missing_ok=True)
+    return FilterResult(int(keep.sum()), int((~keep).sum()), prompt, response, time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(
+        prog="python -m recipe.retool.prefilter_dataset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", required=True, help="prepared SFT or RL parquet")
+    p.add_argument("--output", required=True, help="filtered parquet (dropped rows go to OUTPUT.dropped.parquet)")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer id or local path (the model you will train)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-response-tokens", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--chunk-size", type=int, default=256, help="rows per task sent to a worker")
+    args = p.parse_args(argv)
+    try:
+        result = prefilter(args.input, args.output, args.tokenizer, args.max_prompt_tokens,
+                           args.max_response_tokens, args.workers, args.chunk_size)
+    except DataError as err:
+        logger.error("%s", err)
+        return 2
+    print(f"{args.input} → {args.output}: {result.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

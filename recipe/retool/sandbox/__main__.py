@@ -1,0 +1,3 @@
+from recipe.retool.sandbox.server import main
+
+raise SystemExit(main())
