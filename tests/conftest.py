@@ -31,3 +31,62 @@ def sample_data(tmp_path_factory) -> dict[str, Path]:
     from recipe.retool.data import SAMPLE_SOURCES, prepare_all
 
     return prepare_all(tmp_path_factory.mktemp("data"), SAMPLE_SOURCES)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SandboxServer:
+    """Our real sandbox server, started as a subprocess on a free loopback port."""
+
+    SECRET = "canary-secret-7f3a"
+
+    def __init__(self, workers: int = 2, extra_args: tuple[str, ...] = ()):
+        import os
+        import subprocess
+        import time
+
+        import httpx
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, HF_TOKEN=self.SECRET, WANDB_API_KEY=self.SECRET, RETOOL_TEST_SECRET=self.SECRET)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(self.port),
+             "--workers", str(workers), "--log-level", "warning", *extra_args],
+            env=env, cwd=str(REPO),
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sandbox server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("sandbox server did not come up in 120s")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def sandbox_server():
+    server = SandboxServer()
+    yield server
+    server.stop()

@@ -257,35 +257,42 @@ class Worker:
         bufs = {out_r: bytearray(), err_r: bytearray()}
         total = {out_r: 0, err_r: 0}
         open_fds = {out_r, err_r}
+        pidfd = os.pidfd_open(pid)  # readable once the child has exited: one select() waits for both
         timed_out = False
         wait_status, rusage = 0, None
         exited_at = None
-        while True:
-            now = time.perf_counter()
-            if exited_at is None:
-                done_pid, status, ru = os.wait4(pid, os.WNOHANG)
-                if done_pid:
-                    exited_at, wait_status, rusage = now, status, ru
-            # stop reading when the output is closed, or shortly after the child exited even if a
-            # leftover grandchild still holds the pipe open (it is killed by the sweep)
-            if not open_fds or (exited_at is not None and now - exited_at > 0.05):
-                break
-            if exited_at is None and now >= deadline:
-                timed_out = True
-                self._kill_tree(pid)
-                _, wait_status, rusage = os.wait4(pid, 0)
-                break
-            timeout = 0.05 if exited_at is not None else min(deadline - now, 0.05 if not open_fds else 1.0)
-            ready, _, _ = select.select(list(open_fds), [], [], max(timeout, 0.0))
-            for fd in ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    open_fds.discard(fd)
-                    continue
-                total[fd] += len(chunk)
-                room = cap - len(bufs[fd])
-                if room > 0:
-                    bufs[fd] += chunk[:room]
+        try:
+            while True:
+                now = time.perf_counter()
+                if exited_at is None:
+                    done_pid, status, ru = os.wait4(pid, os.WNOHANG)
+                    if done_pid:
+                        exited_at, wait_status, rusage = now, status, ru
+                # stop when the child has exited and its output is closed, or shortly after it exited
+                # even if a leftover grandchild still holds the pipe open (the sweep kills it)
+                if exited_at is not None and (not open_fds or now - exited_at > 0.05):
+                    break
+                if exited_at is None and now >= deadline:
+                    timed_out = True
+                    self._kill_tree(pid)
+                    _, wait_status, rusage = os.wait4(pid, 0)
+                    break
+                watch = list(open_fds) + ([pidfd] if exited_at is None else [])
+                timeout = 0.05 if exited_at is not None else deadline - now
+                ready, _, _ = select.select(watch, [], [], max(timeout, 0.0))
+                for fd in ready:
+                    if fd == pidfd:
+                        continue
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        open_fds.discard(fd)
+                        continue
+                    total[fd] += len(chunk)
+                    room = cap - len(bufs[fd])
+                    if room > 0:
+                        bufs[fd] += chunk[:room]
+        finally:
+            os.close(pidfd)
         for fd in (out_r, err_r):
             os.close(fd)
 
@@ -297,12 +304,13 @@ class Worker:
 
         return text(out_r), text(err_r), timed_out, wait_status, rusage
 
-    def _kill_tree(self, pid: int) -> None:
+    @staticmethod
+    def _kill_tree(pid: int) -> None:
+        """Kill the run's process group now; the sweep after the run catches anything that left it."""
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self._sweep()
 
     def _sweep(self) -> None:
         """Kill every process the run left behind (daemonised grandchildren included), reap them."""
