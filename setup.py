@@ -11,6 +11,8 @@ INSTALL_REQUIRES = [
     "cachetools",
     "fastapi",
     "uvicorn",
+    "uvloop",  # faster event loop for the sandbox server (picked up by uvicorn)
+    "httptools",
     "pyzmq",
     "msgspec",
     "datasets",

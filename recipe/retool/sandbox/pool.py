@@ -10,7 +10,7 @@ import signal
 import struct
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class SandboxConfig:
     max_output_bytes: int = 256 * 1024  # per stream; the rest is counted and replaced by a marker
     max_fetch_bytes: int = 16 * 1024 * 1024
     tmp_size_mb: int = 256
+    warmup: bool = True  # exercise sympy/numpy once per worker so children inherit warm caches
     recycle_after: int = 5000  # requests before a worker is replaced (bounds any slow leak)
     isolate: bool = True
     allow_unsafe: bool = False
@@ -100,7 +101,10 @@ class _Worker:
 class WorkerPool:
     def __init__(self, config: SandboxConfig):
         self.config = config
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        # idle workers and FIFO waiters: a freed worker goes to the oldest waiter, so no request
+        # can be overtaken indefinitely (asyncio.Queue lets newcomers jump woken waiters)
+        self._idle: deque[_Worker] = deque()
+        self._waiters: deque[asyncio.Future] = deque()
         self._workers: dict[int, _Worker] = {}
         self._replacing: set[asyncio.Task] = set()
         self.capabilities: dict[str, Any] = {}
@@ -126,7 +130,27 @@ class WorkerPool:
                     {k: v for k, v in self.capabilities.items() if v and k != "errors"}, self.preloaded)
         for w in workers:
             self._workers[w.slot] = w
-            self._idle.put_nowait(w)
+            self._release(w)
+
+    async def _acquire(self) -> _Worker:
+        if self._idle and not self._waiters:
+            return self._idle.popleft()
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a worker just as we were cancelled
+                self._release(fut.result())
+            raise
+
+    def _release(self, worker: _Worker) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(worker)
+                return
+        self._idle.append(worker)
 
     def _missing(self, caps: dict[str, Any]) -> list[str]:
         if not self.config.isolate:
@@ -167,7 +191,7 @@ class WorkerPool:
                     logger.error("%s; retrying", exc)
                     await asyncio.sleep(1.0)
             self._workers[new.slot] = new
-            self._idle.put_nowait(new)
+            self._release(new)
 
         task = asyncio.create_task(respawn())
         self._replacing.add(task)
@@ -178,7 +202,7 @@ class WorkerPool:
         request = dict(request)
         request["run_timeout"] = min(float(request.get("run_timeout") or 10.0), self.config.max_run_timeout)
         queued = time.perf_counter()
-        worker = await self._idle.get()
+        worker = await self._acquire()
         self.stats["queue_wait_ms_total"] += int((time.perf_counter() - queued) * 1000)
         try:
             resp = await worker.call(request, request["run_timeout"] + self.config.grace_s)
@@ -191,7 +215,7 @@ class WorkerPool:
         if worker.runs >= self.config.recycle_after:
             self._replace(worker)
         else:
-            self._idle.put_nowait(worker)
+            self._release(worker)
         self.stats[resp.get("status", "?")] += 1
         self.stats["requests"] += 1
         return resp

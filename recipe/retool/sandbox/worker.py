@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import gc
 import importlib
 import io
 import json
@@ -353,6 +354,29 @@ class Worker:
                             pass
 
 
+# Run once per worker after the imports: sympy and numpy import much of themselves lazily and fill
+# caches on first use, so a forked child would otherwise pay that (≈100 ms for a first solve) every time.
+WARMUP = """
+import sympy as sp
+x, y, n = sp.symbols('x y n')
+sp.solve([x**2 + y**2 - 25, x - y - 1], [x, y]); sp.solve(x**3 - 6*x**2 + 11*x - 6, x)
+sp.simplify(sp.sin(x)**2 + sp.cos(x)**2); sp.factor(x**4 - 1); sp.expand((x + y)**5)
+sp.integrate(x**2 * sp.exp(x), x); sp.diff(sp.log(x) * x, x); sp.limit(sp.sin(x) / x, x, 0)
+sp.summation(n**2, (n, 1, 10)); sp.nsimplify(0.5); sp.Rational(3, 7) + sp.sqrt(2); sp.N(sp.pi, 30)
+sp.factorint(360); sp.isprime(97); sp.binomial(10, 3); sp.Matrix([[1, 2], [3, 4]]).det()
+sp.latex(x**2); sp.sympify('x + 1'); sp.Poly(x**2 + 1, x).all_coeffs(); sp.nsolve(x**2 - 2, x, 1)
+import numpy as np
+a = np.arange(10.0); np.linalg.solve(np.eye(3), np.ones(3)); np.sum(a); np.round(a.mean(), 3); str(a)
+"""
+
+
+def _warm_up() -> None:
+    try:
+        exec(compile(WARMUP, "<warmup>", "exec"), {"__name__": "__warmup__"})
+    except Exception:  # a missing module just means less warm-up
+        pass
+
+
 def _preload(modules: list[str]) -> list[str]:
     loaded = []
     for name in modules:
@@ -371,6 +395,10 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     preloaded = _preload(cfg["preload"])
+    if cfg.get("warmup", True):
+        _warm_up()
+    gc.collect()
+    gc.freeze()  # keep the collector off the inherited objects: fewer copy-on-write faults per child
     caps = Capabilities()
     if cfg["isolate"]:
         isolation.enter_namespaces(caps)

@@ -1,0 +1,206 @@
+"""Sandbox throughput and latency: our server vs a fresh `python` subprocess per request.
+
+    python scripts/bench_sandbox.py [--workers N] [--quick]
+    python scripts/bench_sandbox.py --load 10000      # + the mixed load test (correctness, memory)
+
+One run, side by side, on (a) ``print(1+1)`` and (b) a sympy solve, at concurrency 1 and 64.
+Prints requests/s, p50/p99 latency and our/baseline ratios. The baseline runs the same code
+with no isolation at all (``python -c``), so the ratio understates what isolation costs us.
+
+``--load N`` then sends N mixed requests (ordinary, erroring, timing out, hostile) at
+concurrency 64, checks every answer, and samples the server's and workers' memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+SNIPPETS = {
+    "print": ("print(1+1)", "2\n"),
+    "sympy": ("import sympy as sp\nx, y = sp.symbols('x y')\n"
+              "print(sp.solve([x**2 + y**2 - 25, x - y - 1], [x, y]))", "[(-3, -4), (4, 3)]\n"),
+}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def drive(call, n: int, concurrency: int) -> tuple[float, list[float]]:
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+
+    async def one():
+        async with sem:
+            t = time.perf_counter()
+            await call()
+            lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return n / (time.perf_counter() - t0), lat
+
+
+def start_server(port: int, workers: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port),
+                             "--workers", str(workers), "--log-level", "warning"], cwd=REPO)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/ping", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants (the server and its workers), in MiB."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,rss="], capture_output=True, text=True).stdout.split("\n")
+    rows = [tuple(map(int, line.split())) for line in out if line.strip()]
+    children: dict[int, list[int]] = {}
+    rss = {}
+    for p, pp, r in rows:
+        children.setdefault(pp, []).append(p)
+        rss[p] = r
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total / 1024
+
+
+async def bench(url: str, quick: bool) -> None:
+    # aiohttp as the driver: it costs the 2-core machine less CPU than httpx, so the figures
+    # measure the server rather than the load generator
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128)) as session:
+        async def ours(code: str, expect: str):
+            async with session.post(url + "/run_code", json={"code": code, "language": "python"}) as resp:
+                r = await resp.json()
+            assert r["run_result"]["stdout"] == expect, r
+
+        async def baseline(code: str, expect: str):
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+            assert out.decode() == expect
+
+        scale = 0.25 if quick else 1.0
+        plan = {  # (snippet, concurrency): (our requests, baseline requests)
+            ("print", 1): (200, 30), ("print", 64): (2000, 200),
+            ("sympy", 1): (100, 8), ("sympy", 64): (1000, 64),
+        }
+        print(f"{'snippet':8s} {'conc':>4s} | {'ours req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | "
+              f"{'base req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | {'ratio':>6s}")
+        for (name, conc), (n_ours, n_base) in plan.items():
+            code, expect = SNIPPETS[name]
+            await drive(lambda: ours(code, expect), 8, 8)  # warm connections
+            tp_o, lat_o = await drive(lambda: ours(code, expect), max(8, int(n_ours * scale)), conc)
+            tp_b, lat_b = await drive(lambda: baseline(code, expect), max(4, int(n_base * scale)), conc)
+            print(f"{name:8s} {conc:4d} | {tp_o:10.1f} {pct(lat_o, .5)*1e3:8.1f} {pct(lat_o, .99)*1e3:8.1f} | "
+                  f"{tp_b:10.1f} {pct(lat_b, .5)*1e3:8.1f} {pct(lat_b, .99)*1e3:8.1f} | {tp_o / tp_b:5.1f}x")
+
+
+LOAD_KINDS = {
+    # kind: (weight, code, run_timeout, check(body) -> bool)
+    "ordinary": (70, "import math\nprint(math.comb({i} % 50 + 10, 5))", 5,
+                 lambda b, i: b["status"] == "Success" and b["run_result"]["stdout"] == f"{__import__('math').comb(i % 50 + 10, 5)}\n"),
+    "error": (12, "raise RuntimeError('e{i}')", 5,
+              lambda b, i: b["status"] == "Failed" and f"RuntimeError: e{i}" in b["run_result"]["stderr"]),
+    "timeout": (5, "while True: pass", 0.3,
+                lambda b, i: b["status"] == "Failed" and b["run_result"]["status"] == "TimeLimitExceeded"),
+    "memory": (4, "x = bytearray(4 * 1024**3)", 5,
+               lambda b, i: b["status"] == "Failed" and "MemoryError" in b["run_result"]["stderr"]),
+    "forkbomb": (3, "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass", 0.5,
+                 lambda b, i: b["status"] == "Failed"),
+    "flood": (3, "import sys\nsys.stdout.write('y' * 5_000_000)\nprint()", 5,
+              lambda b, i: b["status"] == "Success" and "output truncated" in b["run_result"]["stdout"]),
+    "escape": (3, "import os\nos.fork() or os.setsid() or __import__('time').sleep(30)\nprint('ok{i}')", 5,
+               lambda b, i: b["status"] == "Success" and f"ok{i}" in b["run_result"]["stdout"]),
+}
+
+
+async def load_test(url: str, n: int, server_pid: int, concurrency: int = 64) -> bool:
+    rng = random.Random(0)
+    kinds = rng.choices(list(LOAD_KINDS), weights=[k[0] for k in LOAD_KINDS.values()], k=n)
+    wrong: list[tuple[int, str, str]] = []
+    lost = 0
+    mem: list[float] = [tree_rss_mb(server_pid)]
+    done = 0
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int, kind: str):
+            nonlocal lost, done
+            _, code, timeout, check = LOAD_KINDS[kind]
+            async with sem:
+                try:
+                    r = await client.post(url + "/run_code", json={"code": code.replace("{i}", str(i)),
+                                                                    "language": "python", "run_timeout": timeout})
+                    body = r.json()
+                    if not check(body, i):
+                        wrong.append((i, kind, str(body)[:300]))
+                except Exception as exc:  # noqa: BLE001 - any lost answer counts
+                    lost += 1
+                    wrong.append((i, kind, repr(exc)))
+            done += 1
+            if done % max(1, n // 10) == 0:
+                mem.append(tree_rss_mb(server_pid))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, k) for i, k in enumerate(kinds)))
+        elapsed = time.perf_counter() - t0
+    mem.append(tree_rss_mb(server_pid))
+    counts = {k: kinds.count(k) for k in LOAD_KINDS}
+    print(f"\nload test: {n} requests at concurrency {concurrency} in {elapsed:.1f}s ({n / elapsed:.0f} req/s), mix {counts}")
+    print(f"  lost: {lost}, wrong: {len(wrong) - lost}")
+    for item in wrong[:5]:
+        print("   ", item)
+    print(f"  server+workers RSS MiB over the run: {', '.join(f'{m:.0f}' for m in mem)} "
+          f"(first→last {mem[0]:.0f}→{mem[-1]:.0f}, max {max(mem):.0f}, median {statistics.median(mem):.0f})")
+    return not wrong
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, default=None, help="sandbox workers (default: the server's)")
+    p.add_argument("--port", type=int, default=18080)
+    p.add_argument("--quick", action="store_true", help="a quarter of the requests")
+    p.add_argument("--load", type=int, default=0, help="also run the mixed load test with this many requests")
+    p.add_argument("--skip-bench", action="store_true")
+    args = p.parse_args()
+    from recipe.retool.sandbox.pool import SandboxConfig
+
+    workers = args.workers or SandboxConfig().workers
+    proc = start_server(args.port, workers)
+    url = f"http://127.0.0.1:{args.port}"
+    ok = True
+    try:
+        print(f"{os.cpu_count()} cores, {workers} sandbox workers, python {sys.version.split()[0]}")
+        if not args.skip_bench:
+            asyncio.run(bench(url, args.quick))
+        if args.load:
+            ok = asyncio.run(load_test(url, args.load, proc.pid))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
