@@ -1,0 +1,267 @@
+"""Build and launch verl's SFT and GRPO trainers from our YAML configs.
+
+    python -m recipe.retool.train sft  MODEL DATA_DIR OUT_DIR [EXP] [key=value ...] [--dry-run]
+    python -m recipe.retool.train grpo SFT_MODEL DATA_DIR OUT_DIR [EXP] [key=value ...] [--dry-run]
+
+Hyperparameters live in ``recipe/retool/config/*.yaml`` only; this module adds the paths
+(``retool.model_path`` etc.) and passes every trailing ``key=value`` / ``+key=value`` to verl
+unchanged. The config is composed with Hydra here first (so a typo fails before any GPU is
+touched), and ``--dry-run`` prints the resolved config and the exact command instead of running.
+
+For GRPO, SFT_MODEL may be a Hugging Face model (id or directory) or an SFT checkpoint root: the
+latest ``global_step_N`` is picked and, when it holds only FSDP shards, merged to Hugging Face
+format with verl's model merger (once; the merged copy is reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipe.retool import CONFIG_DIR, PACKAGE_DIR
+
+STAGES = {
+    "sft": ("retool_sft", ["-m", "verl.trainer.sft_trainer"]),
+    "grpo": ("retool_grpo_template", ["-m", "verl.trainer.main_ppo"]),
+}
+# verl's config tree (ppo_trainer, sft_trainer_engine, …) is found through Hydra's search path. It
+# is passed as an override rather than written in the YAML, because Hydra only honours
+# hydra.searchpath in the primary config and our variants (retool_grpo_upstream) extend others.
+SEARCHPATH = "hydra.searchpath=[pkg://verl.trainer.config]"
+_STEP = re.compile(r"^global_step_(\d+)$")
+_SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR):
+    """Compose one of our configs with verl's config tree, exactly as the trainer will."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=[SEARCHPATH, *overrides])
+
+
+# Keys our YAML may add that verl's schema does not declare (everything else must already exist).
+EXTENSION_KEYS = ("retool.", "reward.custom_reward_function.reward_kwargs.", "ray_kwargs.ray_init.runtime_env.env_vars.")
+BASE_CONFIG = {"sft_trainer_engine", "ppo_trainer"}
+
+
+def _leaf_paths(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    if isinstance(node, DictConfig):
+        out = []
+        for key in node.keys():
+            out += _leaf_paths(node._get_node(key), f"{prefix}{key}.")
+        return out
+    return [prefix[:-1]]
+
+
+def unknown_keys(config_name: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """Keys set in our YAML (or the YAMLs it extends) that verl's base config does not have.
+
+    Hydra merges unknown keys silently and verl's dataclass conversion only covers some sections,
+    so a misspelt ``data.max_prompt_lenght`` would otherwise be ignored without a word.
+    """
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(config_dir / f"{config_name}.yaml")
+    parents = [d for d in raw.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    base = next((d for d in parents if d in BASE_CONFIG), None)
+    bad: list[str] = []
+    for parent in parents:
+        if parent not in BASE_CONFIG:
+            bad += unknown_keys(parent, config_dir)
+            base = base or _base_of(parent, config_dir)
+    if base is None:
+        return [f"{config_name}: extends no verl base config ({sorted(BASE_CONFIG)})"]
+    reference = compose_verl(base)
+    for path in _leaf_paths(OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "defaults"])):
+        if path.startswith(EXTENSION_KEYS):
+            continue
+        if not _has_path(reference, path):
+            bad.append(f"{config_name}.yaml: '{path}' is not a key of verl's {base} config")
+    return bad
+
+
+def _has_path(cfg, path: str) -> bool:
+    """Whether a dotted key exists (a mandatory ``???`` value counts as existing)."""
+    from omegaconf import DictConfig
+
+    node = cfg
+    for part in path.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _base_of(config_name: str, config_dir: Path) -> str | None:
+    from omegaconf import OmegaConf
+
+    parents = [d for d in OmegaConf.load(config_dir / f"{config_name}.yaml").get("defaults", []) if isinstance(d, str)]
+    for parent in parents:
+        if parent in BASE_CONFIG:
+            return parent
+        if parent != "_self_" and (found := _base_of(parent, config_dir)):
+            return found
+    return None
+
+
+def compose_verl(config_name: str):
+    """One of verl's own configs, untouched (the reference our keys are checked against)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        return hydra_compose(config_name=config_name)
+
+
+def _has_weights(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(
+        p.suffix in (".safetensors", ".bin") for p in d.iterdir() if p.is_file()
+    )
+
+
+def latest_step_dir(root: Path) -> Path | None:
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+@dataclass
+class ResolvedModel:
+    path: str  # what to give verl as the model path
+    merge_from: Path | None = None  # shard dir to merge first, when needed
+
+    def merge_command(self) -> list[str]:
+        assert self.merge_from is not None
+        return [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
+                "--local_dir", str(self.merge_from), "--target_dir", self.path]
+
+
+def resolve_model(path: str) -> ResolvedModel:
+    """A HF model id/dir as is; an SFT/GRPO checkpoint root → its latest step, merged if sharded."""
+    p = Path(path)
+    if not p.exists():
+        if path.startswith(("/", "./", "../")) or path.count("/") != 1:
+            raise CheckpointError(f"{path}: no such directory (and not a Hugging Face model id like 'org/name')")
+        return ResolvedModel(path)  # a hub id, e.g. Qwen/Qwen2.5-7B-Instruct
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: expected a model directory or a checkpoint root, got a file")
+    if _has_weights(p):
+        return ResolvedModel(str(p))
+    step = p if _STEP.match(p.name) else latest_step_dir(p)
+    if step is None:
+        raise CheckpointError(f"{path}: neither a Hugging Face model (config.json + weights) "
+                              "nor a checkpoint root with global_step_N folders")
+    shard_dir = step / "actor" if (step / "actor").is_dir() else step
+    for candidate in (shard_dir / "huggingface", shard_dir / "merged_hf"):
+        if candidate.is_dir() and _has_weights(candidate):
+            return ResolvedModel(str(candidate))
+    if not any(_SHARD.match(f.name) for f in shard_dir.iterdir()):
+        raise CheckpointError(f"{shard_dir}: no Hugging Face weights and no FSDP shards (model_world_size_*_rank_*.pt)")
+    return ResolvedModel(str(shard_dir / "merged_hf"), merge_from=shard_dir)
+
+
+def path_overrides(model: str, data_dir: str, out_dir: str, experiment: str | None) -> list[str]:
+    ov = [f"retool.model_path={model}", f"retool.data_dir={os.path.abspath(data_dir)}",
+          f"retool.output_dir={os.path.abspath(out_dir)}"]
+    if experiment:
+        ov.append(f"trainer.experiment_name={experiment}")
+    return ov
+
+
+def build_command(stage: str, config_name: str, overrides: Sequence[str], cfg) -> list[str]:
+    _, module = STAGES[stage]
+    args = [*module, f"--config-path={CONFIG_DIR}", f"--config-name={config_name}", SEARCHPATH, *overrides]
+    if stage == "sft":
+        nproc = int(cfg.trainer.n_gpus_per_node)
+        nnodes = int(cfg.trainer.nnodes)
+        launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
+        launcher += ["--standalone"] if nnodes == 1 else ["--rdzv_backend=c10d", "--rdzv_endpoint=${MASTER_ADDR}:${MASTER_PORT}"]
+        return [*launcher, *args]
+    return [sys.executable, *args]
+
+
+def environment(cfg, stage: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if stage == "grpo":
+        env["RETOOL_SANDBOX_URL"] = str(cfg.retool.sandbox_url)
+    if "swanlab" in list(cfg.trainer.logger) and not env.get("SWANLAB_API_KEY"):
+        env.setdefault("SWANLAB_MODE", "local")  # no key: log locally rather than fail
+    if "wandb" in list(cfg.trainer.logger) and not env.get("WANDB_API_KEY"):
+        env.setdefault("WANDB_MODE", "offline")
+    return env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=sorted(STAGES))
+    p.add_argument("model", help="base model (sft) or SFT model / checkpoint root (grpo)")
+    p.add_argument("data_dir", help="directory holding sft/train.parquet or rl/{train,aime24}.parquet")
+    p.add_argument("out_dir", help="checkpoints go to OUT_DIR/{sft,grpo}-experiments/EXP")
+    p.add_argument("rest", nargs="*", help="[EXPERIMENT_NAME] then verl key=value overrides")
+    p.add_argument("--config", default=None, help="config name in recipe/retool/config (default per stage)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and command; run nothing")
+    args = p.parse_args(argv)
+
+    experiment = args.rest[0] if args.rest and "=" not in args.rest[0] else None
+    user_overrides = args.rest[1:] if experiment else args.rest
+    config_name = args.config or STAGES[args.stage][0]
+    model = args.model
+    merge = None
+    if args.stage == "grpo":
+        try:
+            resolved = resolve_model(args.model)
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        model, merge = resolved.path, resolved if resolved.merge_from else None
+    overrides = [*path_overrides(model, args.data_dir, args.out_dir, experiment),
+                 f"retool.recipe_dir={PACKAGE_DIR}" if args.stage == "grpo" else None, *user_overrides]
+    overrides = [o for o in overrides if o]
+    from omegaconf import OmegaConf
+
+    bad = unknown_keys(config_name)
+    if bad:
+        print("error: config keys verl does not know:\n  " + "\n  ".join(bad), file=sys.stderr)
+        return 2
+    cfg = compose(config_name, overrides)
+    cmd = build_command(args.stage, config_name, overrides, cfg)
+    env = environment(cfg, args.stage)
+    if args.dry_run:
+        print("# resolved config")
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        if merge:
+            print("# merge the sharded checkpoint first")
+            print(shlex.join(merge.merge_command()))
+        print("# command")
+        print(shlex.join(cmd))
+        return 0
+    if merge:
+        print(f"merging {merge.merge_from} → {merge.path}", flush=True)
+        subprocess.run(merge.merge_command(), check=True)
+    print(shlex.join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""recipe.retool.train: configs compose against verl's real schema; commands; checkpoint resolution."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from recipe.retool import CONFIG_DIR, PACKAGE_DIR
+from recipe.retool.train import CheckpointError, compose, path_overrides, resolve_model, unknown_keys
+
+CONFIGS = ["retool_sft", "retool_grpo_template", "retool_grpo_upstream"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_only_set_keys_verl_knows(name):
+    assert unknown_keys(name) == []
+
+
+def test_a_misspelt_key_is_caught(tmp_path):
+    for f in CONFIG_DIR.glob("*.yaml"):
+        shutil.copy(f, tmp_path)
+    path = tmp_path / "retool_grpo_template.yaml"
+    path.write_text(path.read_text().replace("max_prompt_length:", "max_prompt_lenght:"))
+    bad = unknown_keys("retool_grpo_upstream", tmp_path)  # found through the variant's parent too
+    assert bad == ["retool_grpo_template.yaml: 'data.max_prompt_lenght' is not a key of verl's ppo_trainer config"]
+
+
+def grpo_cfg(tiny_model_dir, sample_data, name="retool_grpo_template", extra=()):
+    data_dir = sample_data["rl"].parent.parent
+    return compose(name, [*path_overrides(str(tiny_model_dir), str(data_dir), "/tmp/out", "t"),
+                          f"retool.recipe_dir={PACKAGE_DIR}", *extra])
+
+
+@pytest.mark.parametrize("name", ["retool_grpo_template", "retool_grpo_upstream"])
+def test_grpo_config_passes_verls_own_validation(tiny_model_dir, sample_data, name):
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    cfg = grpo_cfg(tiny_model_dir, sample_data, name)
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    assert need_reference_policy(cfg) == bool(cfg.actor_rollout_ref.actor.use_kl_loss)
+    assert not need_critic(cfg)  # GRPO: no critic
+    algo = omega_conf_to_dataclass(cfg.algorithm)
+    assert isinstance(algo, AlgoConfig) and algo.adv_estimator == "grpo"
+    rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+    assert rollout.name == "sglang" and rollout.multi_turn.enable and rollout.multi_turn.format == "hermes"
+    assert rollout.agent.default_agent_loop == "tool_agent"
+    model = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
+    assert model.path == str(tiny_model_dir) and model.enable_gradient_checkpointing
+    assert cfg.data.train_files.endswith("rl/train.parquet") and cfg.data.val_files.endswith("rl/aime24.parquet")
+
+
+def test_grpo_seed_numbers(tiny_model_dir, sample_data):
+    cfg = grpo_cfg(tiny_model_dir, sample_data)
+    a, r = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    assert (cfg.data.train_batch_size, r.n, a.optim.lr) == (256, 16, 1e-6)
+    assert (a.use_kl_loss, a.kl_loss_type, a.kl_loss_coef) == (True, "low_var_kl", 0.001)
+    assert (r.multi_turn.max_assistant_turns, r.multi_turn.max_user_turns) == (8, 8)
+    assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (2048, 4096)
+    assert (cfg.trainer.save_freq, cfg.trainer.resume_mode) == (20, "auto")
+    assert list(cfg.trainer.logger) == ["console", "swanlab"]
+
+
+def test_grpo_tool_and_reward_load_through_verls_loaders(tiny_model_dir, sample_data):
+    from verl.tools.tool_registry import initialize_tools_from_config
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    cfg = grpo_cfg(tiny_model_dir, sample_data)
+    [tool] = initialize_tools_from_config(cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path)
+    assert type(tool).__name__ == "SandboxFusionTool" and tool.name == "code_interpreter"
+    fn = get_custom_reward_fn(cfg)
+    out = fn(data_source="aime24", solution_str="\\boxed{7}", ground_truth="7", extra_info={})
+    assert out["score"] == 1.0
+    assert fn(data_source="aime24", solution_str="\\boxed{8}", ground_truth="7", extra_info={})["score"] == -1.0
+
+
+def test_sft_config_converts_like_verls_sft_trainer(tiny_model_dir, sample_data):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    data_dir = sample_data["sft"].parent.parent
+    cfg = compose("retool_sft", path_overrides(str(tiny_model_dir), str(data_dir), "/tmp/out", "s"))
+    engine = omega_conf_to_dataclass(cfg.engine)
+    assert engine.strategy == "fsdp2" and engine.ulysses_sequence_parallel_size == 4
+    model = omega_conf_to_dataclass(cfg.model)
+    assert model.enable_gradient_checkpointing and model.use_remove_padding
+    omega_conf_to_dataclass(cfg.optim)
+    omega_conf_to_dataclass(cfg.checkpoint)
+    assert (cfg.data.train_batch_size, cfg.data.max_length, cfg.trainer.total_epochs) == (32, 16384, 2)
+    assert cfg.trainer.n_gpus_per_node == 8 and cfg.trainer.resume_mode == "auto"
+    assert cfg.trainer.default_local_dir == "/tmp/out/sft-experiments/s"
+
+
+@pytest.mark.parametrize("script, module, config", [
+    ("train_retool_grpo.sh", "verl.trainer.main_ppo", "retool_grpo_template"),
+    ("train_sft.sh", "verl.trainer.sft_trainer", "retool_sft"),
+])
+def test_scripts_dry_run_print_the_full_command(script, module, config, tiny_model_dir, tmp_path):
+    proc = subprocess.run(["bash", str(PACKAGE_DIR / script), str(tiny_model_dir), str(tmp_path / "data"),
+                           str(tmp_path / "out"), "exp1", "trainer.total_epochs=3", "--dry-run"],
+                          capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved, command = proc.stdout.split("# command\n")
+    assert f"-m {module}" in command and f"--config-name={config}" in command
+    assert "trainer.total_epochs=3" in command and "trainer.experiment_name=exp1" in command
+    assert "hydra.searchpath=[pkg://verl.trainer.config]" in command
+    cfg = OmegaConf.create(resolved.split("# resolved config\n", 1)[1])
+    assert cfg.trainer.total_epochs == 3 and cfg.trainer.experiment_name == "exp1"
+    if script == "train_sft.sh":
+        assert command.startswith("torchrun --nnodes=1 --nproc_per_node=8 --standalone")
+
+
+def test_dry_run_rejects_unknown_override_and_missing_args(tiny_model_dir, tmp_path):
+    proc = subprocess.run(["bash", str(PACKAGE_DIR / "train_retool_grpo.sh"), str(tiny_model_dir), "d", "o",
+                           "data.not_a_key=1", "--dry-run"], capture_output=True, text=True,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "not_a_key" in proc.stderr
+    proc = subprocess.run(["bash", str(PACKAGE_DIR / "train_retool_grpo.sh"), "only-one"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+
+
+def test_resolve_model(tmp_path, tiny_model_dir):
+    assert resolve_model(str(tiny_model_dir)).path == str(tiny_model_dir)
+    assert resolve_model("Qwen/Qwen2.5-7B-Instruct").path == "Qwen/Qwen2.5-7B-Instruct"
+    root = tmp_path / "sft-experiments" / "e"
+    _touch(root / "global_step_5" / "model_world_size_8_rank_0.pt")
+    _touch(root / "global_step_40" / "model_world_size_8_rank_0.pt")
+    _touch(root / "global_step_40" / "huggingface" / "config.json")  # config only: still sharded
+    _touch(root / "global_step_120x" / "junk")
+    r = resolve_model(str(root))
+    assert r.merge_from == root / "global_step_40" and r.path == str(root / "global_step_40" / "merged_hf")
+    assert r.merge_command()[2:4] == ["verl.model_merger", "merge"]
+    merged = root / "global_step_40" / "merged_hf"
+    _touch(merged / "config.json")
+    _touch(merged / "model.safetensors")
+    assert resolve_model(str(root)) .path == str(merged) and resolve_model(str(root)).merge_from is None
+    grpo = tmp_path / "grpo" / "global_step_20" / "actor"
+    _touch(grpo / "model_world_size_2_rank_1.pt")
+    assert resolve_model(str(tmp_path / "grpo")).merge_from == grpo
+    with pytest.raises(CheckpointError, match="no such directory"):
+        resolve_model(str(tmp_path / "missing"))
+    _touch(tmp_path / "empty" / "global_step_1" / "notes.txt")
+    with pytest.raises(CheckpointError, match="no Hugging Face weights and no FSDP shards"):
+        resolve_model(str(tmp_path / "empty"))
