@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# AIME24 pass@k with tool use against an OpenAI-compatible server (vLLM/SGLang) and a sandbox.
+#   ./evaluate_model.sh MODEL OUTPUT_PATH [BASE_URL] [SANDBOX_URL] [API_KEY] [more eval flags ...]
+# Defaults: BASE_URL=http://localhost:8000/v1  SANDBOX_URL=http://localhost:8080  API_KEY=EMPTY
+# Thin wrapper over `python -m recipe.retool.eval_aime24_standalone` (see --help there).
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 MODEL OUTPUT_PATH [BASE_URL] [SANDBOX_URL] [API_KEY] [eval flags ...]" >&2
+  exit 2
+fi
+model=$1 output=$2
+base_url=${3:-http://localhost:8000/v1}
+sandbox_url=${4:-http://localhost:8080}
+api_key=${5:-EMPTY}
+shift $(( $# < 5 ? $# : 5 ))
+exec "${PYTHON:-python}" -m recipe.retool.eval_aime24_standalone --model "$model" --output "$output" \
+  --base-url "$base_url" --sandbox-url "$sandbox_url" --api-key "$api_key" "$@"
