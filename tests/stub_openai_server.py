@@ -96,6 +96,12 @@ def make_app(script: Script) -> FastAPI:
         finally:
             script._tick(-1)
 
+    @app.get("/stats")
+    async def stats():
+        script._tick(0)
+        return {"requests": script.requests, "busy_integral": script.busy_integral,
+                "span": (script.last_at or 0) - (script.first_at or 0)}
+
     return app
 
 
@@ -113,3 +119,11 @@ class StubServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+if __name__ == "__main__":  # run in its own process: python stub_openai_server.py PORT SCRIPT_JSON
+    import sys
+
+    spec = json.loads(sys.argv[2])
+    spec["answers"] = {k: tuple(v) for k, v in spec["answers"].items()}
+    uvicorn.run(make_app(Script(**spec)), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -76,22 +76,20 @@ class SandboxClient:
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self._max_concurrency = max_concurrency
-        self._per_loop: dict[int, tuple[httpx.AsyncClient, asyncio.Semaphore]] = {}
+        self._per_loop: dict[int, tuple[aiohttp.ClientSession, asyncio.Semaphore]] = {}
 
-    def _state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        # asyncio objects belong to one event loop; keep a connection pool and limit per loop
+    def _state(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+        # asyncio objects belong to one event loop; keep a connection pool and limit per loop.
+        # (aiohttp rather than httpx: httpcore's pool gets quadratic with hundreds of queued requests)
         loop_id = id(asyncio.get_running_loop())
         state = self._per_loop.get(loop_id)
-        if state is None or state[0].is_closed:
+        if state is None or state[0].closed:
             n = self._max_concurrency
-            limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-            client = httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=self.request_timeout)
-            state = (client, asyncio.Semaphore(n))
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=n), timeout=aiohttp.ClientTimeout(total=self.request_timeout))
+            state = (session, asyncio.Semaphore(n))
             self._per_loop[loop_id] = state
         return state
-
-    def _client(self) -> httpx.AsyncClient:
-        return self._state()[0]
 
     async def run_code(
         self, code: str, language: str = "python", run_timeout: float = 10.0,
@@ -107,14 +105,16 @@ class SandboxClient:
         async with self._state()[1]:
             for attempt in range(1, self.max_retries + 2):
                 try:
-                    resp = await self._client().post("/run_code", json=payload)
-                    if resp.status_code < 500:
-                        if resp.status_code >= 400:
-                            return CodeResult("ClientError", message=f"HTTP {resp.status_code}: {resp.text[:500]}",
-                                              latency_s=time.perf_counter() - start, attempts=attempt)
-                        return self._parse(resp.json(), time.perf_counter() - start, attempt)
-                    last_error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                except (httpx.TransportError, ValueError) as exc:  # connect/read errors, bad JSON
+                    async with self._state()[0].post(self.base_url + "/run_code", json=payload) as resp:
+                        if resp.status < 500:
+                            if resp.status >= 400:
+                                text = await resp.text()
+                                return CodeResult("ClientError", message=f"HTTP {resp.status}: {text[:500]}",
+                                                  latency_s=time.perf_counter() - start, attempts=attempt)
+                            body = await resp.json(content_type=None)
+                            return self._parse(body, time.perf_counter() - start, attempt)
+                        last_error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # connect/read errors, bad JSON
                     last_error = f"{type(exc).__name__}: {exc}"
                 if attempt <= self.max_retries:
                     delay = self.retry_backoff * 2 ** (attempt - 1) * (0.5 + random.random())
@@ -140,13 +140,13 @@ class SandboxClient:
 
     async def ping(self) -> bool:
         try:
-            resp = await self._client().get("/v1/ping", timeout=5.0)
-            return resp.status_code == 200
-        except httpx.TransportError:
+            async with self._state()[0].get(self.base_url + "/v1/ping", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
     async def aclose(self) -> None:
         loop_id = id(asyncio.get_running_loop())
         state = self._per_loop.pop(loop_id, None)
         if state is not None:
-            await state[0].aclose()
+            await state[0].close()
