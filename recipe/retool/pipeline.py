@@ -1,0 +1,239 @@
+"""The whole ReTool pipeline on one machine, on embedded defaults, ending in a report card.
+
+    python -m recipe.retool.pipeline                          # bundled samples, offline, CPU is enough
+    python -m recipe.retool.pipeline --full --tokenizer Qwen/Qwen2.5-7B-Instruct   # the real datasets
+
+Stages: data → prefilter → sandbox (started locally, smoke-tested) → SFT → GRPO → evaluation.
+SFT and GRPO need GPUs (GRPO also SGLang): without them they are *skipped*, not faked, and the
+report shows the exact command a GPU machine would run. Evaluation needs a model server
+(``--base-url``/``--model``); without one it is skipped likewise. Everything lands under ``--out``
+(default ``outputs/demo``), and ``report.md`` there summarises each stage. Reruns resume: finished
+data files are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipe.retool import PACKAGE_DIR
+from recipe.retool.data import DEFAULT_SOURCES, SAMPLE_SOURCES, prepare_all
+
+logger = logging.getLogger(__name__)
+
+SMOKE_SNIPPETS = [
+    ("print(1 + 1)", "2"),
+    ("import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 5*x + 6, x))", "[2, 3]"),
+    ("import numpy as np\nprint(int(np.arange(101).sum()))", "5050"),
+]
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # done | skipped | failed
+    detail: str = ""
+    figures: dict[str, object] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def stage_data(out: Path, full: bool) -> tuple[StageResult, dict[str, Path]]:
+    sources = DEFAULT_SOURCES if full else SAMPLE_SOURCES
+    outputs = prepare_all(out / "data_raw", sources)
+    import pandas as pd
+
+    figures = {name: len(pd.read_parquet(path)) for name, path in outputs.items()}
+    return StageResult("data", "done", f"{'hub datasets' if full else 'bundled samples'} → {out / 'data_raw'}",
+                       figures), outputs
+
+
+def stage_prefilter(out: Path, raw: dict[str, Path], tokenizer: str) -> StageResult:
+    from recipe.retool.prefilter_dataset import prefilter
+
+    figures = {}
+    for name, src in raw.items():
+        dst = out / "data" / src.relative_to(out / "data_raw")
+        if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+            import pandas as pd
+
+            figures[name] = f"{len(pd.read_parquet(dst))} kept (cached)"
+            continue
+        res = prefilter(src, dst, tokenizer, progress=False)
+        figures[name] = f"{res.kept} kept, {res.dropped} dropped, prompt p50 {int(sorted(res.prompt_lengths)[len(res.prompt_lengths) // 2])} tok"
+    return StageResult("prefilter", "done", f"tokenizer {tokenizer} → {out / 'data'}", figures)
+
+
+class LocalSandbox:
+    def __init__(self, workers: int = 2):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port",
+                                      str(self.port), "--workers", str(workers), "--log-level", "warning"])
+
+    def wait(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sandbox server exited with code {self.proc.returncode} (see its log above)")
+            try:
+                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("sandbox server did not answer within 120s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def stage_sandbox(sandbox: LocalSandbox) -> StageResult:
+    from recipe.retool.sandbox.client import SandboxClient
+
+    async def smoke():
+        client = SandboxClient(sandbox.url)
+        try:
+            return [await client.run_code(code) for code, _ in SMOKE_SNIPPETS]
+        finally:
+            await client.aclose()
+
+    sandbox.wait()
+    results = asyncio.run(smoke())
+    bad = [code for (code, want), r in zip(SMOKE_SNIPPETS, results, strict=True) if r.stdout.strip() != want]
+    figures = {f"run {i + 1} latency": f"{r.latency_s * 1000:.0f} ms" for i, r in enumerate(results)}
+    if bad:
+        return StageResult("sandbox", "failed", f"wrong output for: {bad}", figures)
+    return StageResult("sandbox", "done", f"local server at {sandbox.url}, {len(results)} smoke runs correct", figures)
+
+
+def stage_train(stage: str, model: str, data_dir: Path, out: Path, gpus: int) -> StageResult:
+    args = [stage, model, str(data_dir), str(out / "checkpoints"), f"demo-{stage}"]
+    if gpus:
+        args.append(f"trainer.n_gpus_per_node={gpus}")
+    dry = subprocess.run([sys.executable, "-m", "recipe.retool.train", *args, "--dry-run"],
+                         capture_output=True, text=True)
+    if dry.returncode != 0:
+        return StageResult(stage, "failed", f"config does not compose: {dry.stderr.strip()[-500:]}")
+    command = dry.stdout.split("# command\n")[-1].strip()
+    missing = []
+    if not gpus:
+        missing.append("a CUDA GPU")
+    if stage == "grpo":
+        import importlib.util
+
+        if importlib.util.find_spec("sglang") is None:
+            missing.append("SGLang (pip install -e '.[gpu]')")
+    if missing:
+        return StageResult(stage, "skipped", f"needs {' and '.join(missing)}; a GPU machine would run:\n\n"
+                           f"```\n{command}\n```")
+    rc = subprocess.call([sys.executable, "-m", "recipe.retool.train", *args])
+    return StageResult(stage, "done" if rc == 0 else "failed", f"exit code {rc}: `{command}`")
+
+
+def stage_eval(base_url: str | None, model: str | None, data: Path, sandbox_url: str, out: Path,
+               samples: int) -> StageResult:
+    if not base_url or not model:
+        return StageResult("eval", "skipped", "needs a model server: serve a model with vLLM/SGLang and pass "
+                           "--base-url http://HOST:PORT/v1 --model NAME (see README)")
+    from recipe.retool.eval_aime24_standalone import EvalConfig, evaluate
+
+    cfg = EvalConfig(model=model, output=str(out / "eval" / "aime24.json"), base_url=base_url,
+                     sandbox_url=sandbox_url, data=str(data), samples=samples)
+    summary = asyncio.run(evaluate(cfg))
+    return StageResult("eval", "done", f"{cfg.output}", {**summary["pass_at_k"], "mean tool calls":
+                                                         summary["mean_tool_calls"]})
+
+
+def write_report(out: Path, results: list[StageResult], started: float) -> Path:
+    lines = ["# ReTool pipeline report", "", f"Finished in {time.time() - started:.0f}s. Output: `{out}`.", "",
+             "| stage | status | figures |", "|---|---|---|"]
+    for r in results:
+        figures = "; ".join(f"{k}: {v}" for k, v in r.figures.items()) or "—"
+        lines.append(f"| {r.name} | {r.status} | {figures} |")
+    lines.append("")
+    for r in results:
+        lines += [f"## {r.name}: {r.status}", "", r.detail or "—", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--full", action="store_true", help="the real datasets from the hub instead of the samples")
+    p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="base model for SFT (and eval's model name)")
+    p.add_argument("--tokenizer", default=None, help="for the prefilter (default: offline dev tokenizer)")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible server to evaluate (optional)")
+    p.add_argument("--eval-samples", type=int, default=4)
+    args = p.parse_args(argv)
+
+    started = time.time()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[StageResult] = []
+
+    def show(r: StageResult) -> None:
+        results.append(r)
+        print(f"[{r.name}] {r.status}: {r.detail.splitlines()[0] if r.detail else ''}", flush=True)
+
+    res, raw = stage_data(out, args.full)
+    show(res)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from recipe.retool.dev_tokenizer import save_dev_tokenizer
+
+        tokenizer = str(save_dev_tokenizer(out / "dev_tokenizer"))
+    show(stage_prefilter(out, raw, tokenizer))
+    sandbox = LocalSandbox()
+    try:
+        show(stage_sandbox(sandbox))
+        gpus = gpu_count()
+        show(stage_train("sft", args.model, out / "data", out, gpus))
+        sft_out = out / "checkpoints" / "sft-experiments" / "demo-sft"
+        show(stage_train("grpo", str(sft_out) if sft_out.exists() else args.model, out / "data", out, gpus))
+        show(stage_eval(args.base_url, args.model if args.base_url else None, out / "data" / "rl" / "aime24.parquet",
+                        sandbox.url, out, args.eval_samples))
+    finally:
+        sandbox.stop()
+    report = write_report(out, results, started)
+    print(f"\nreport card: {report}\n")
+    print(report.read_text())
+    print(f"(recipe files: {PACKAGE_DIR}; a rerun resumes; delete {shlex.quote(str(out))} to start over)")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
