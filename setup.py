@@ -1,6 +1,14 @@
 """ReTool on verl: install with `pip install torch==2.13.0 && pip install -e ".[dev]"` (CPU)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _requirements(path: str) -> list[str]:
+    lines = (Path(__file__).parent / path).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
 
 # verl 0.9.1 is the one pinned dependency we build on; torch is deliberately *not* listed, so that
 # the CPU install path (pip install torch==2.13.0 first) never pulls a multi-GB CUDA build.
@@ -43,15 +51,7 @@ EXTRAS = {
         "ruff",
     ],
     # GPU training image: the pins of verl 0.9.1's `sglang` extra
-    "gpu": [
-        "verl[sglang]==0.9.1",
-        "torch==2.11.0",
-        "torchvision==0.26.0",
-        "torchaudio==2.11.0",
-        "sglang==0.5.12",
-        "transformers==5.9.0",
-        "liger-kernel>=0.8.2",
-    ],
+    "gpu": _requirements("recipe/retool/requirements-gpu.txt"),
     # cloud launcher
     "modal": ["modal>=1.0", "python-dotenv"],
 }
@@ -61,7 +61,7 @@ setup(
     version="0.1.0",
     description="ReTool: tool-integrated RL for math reasoning, on verl",
     packages=find_packages(include=["recipe", "recipe.*"]),
-    package_data={"recipe.retool": ["config/*.yaml", "config/*/*.yaml", "sample_data/*.jsonl", "*.sh"]},
+    package_data={"recipe.retool": ["config/*.yaml", "config/*/*.yaml", "sample_data/*.jsonl", "*.sh", "*.txt"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -193,7 +193,12 @@ def build_command(stage: str, config_name: str, overrides: Sequence[str], cfg) -
         nproc = int(cfg.trainer.n_gpus_per_node)
         nnodes = int(cfg.trainer.nnodes)
         launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
-        launcher += ["--standalone"] if nnodes == 1 else ["--rdzv_backend=c10d", "--rdzv_endpoint=${MASTER_ADDR}:${MASTER_PORT}"]
+        if nnodes == 1:
+            launcher.append("--standalone")
+        else:  # multi-node: the cluster launcher sets NODE_RANK / MASTER_ADDR / MASTER_PORT per node
+            launcher += [f"--node_rank={os.environ.get('NODE_RANK', '0')}",
+                         f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+                         f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
         return [*launcher, *args]
     return [sys.executable, *args]
 
@@ -221,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("rest", nargs="*", help="[EXPERIMENT_NAME] then verl key=value overrides")
     p.add_argument("--config", default=None, help="config name in recipe/retool/config (default per stage)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and command; run nothing")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may stand anywhere, as the wrappers document
 
     experiment = args.rest[0] if args.rest and "=" not in args.rest[0] else None
     user_overrides = args.rest[1:] if experiment else args.rest

@@ -1,0 +1,286 @@
+"""ReTool on Modal: every pipeline stage as a Modal function, from one experiment config.
+
+    modal deploy recipe/retool/modal_sandbox.py                      # once: the sandbox web endpoint
+    modal run recipe/retool/modal_app.py::download_model
+    modal run recipe/retool/modal_app.py::prep_dataset
+    modal run recipe/retool/modal_app.py::train                      # SFT, 8 GPUs
+    modal run recipe/retool/modal_app.py::train_grpo                 # GRPO from the latest SFT checkpoint
+    modal run recipe/retool/modal_app.py::evaluate
+    modal run recipe/retool/modal_app.py::pipeline                   # SFT → GRPO → eval
+    modal run recipe/retool/modal_app.py::dry_run                    # print every command, run nothing
+
+The experiment config is ``RETOOL_MODAL_CONFIG`` (default ``config/modal/default.yaml``), read when
+this file is imported (locally and in the containers) because volume names and GPU counts are part
+of the function definitions. Each function is a thin wrapper: commands come from
+:mod:`recipe.retool.launcher`, which is where the logic (and its tests) live.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import modal
+
+from recipe.retool import launcher
+
+REPO = launcher.REPO_ROOT
+EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
+VOLUME_NAMES = launcher.volume_names(EXP)
+GPU = f"{EXP.gpu}:{EXP.gpus}"
+T = EXP.timeouts
+
+app = modal.App(f"retool-{launcher._slug(EXP.experimenter)}-{launcher._slug(EXP.experiment)}")
+
+data_volume = modal.Volume.from_name(VOLUME_NAMES["data"], create_if_missing=True)
+models_volume = modal.Volume.from_name(VOLUME_NAMES["models"], create_if_missing=True)
+checkpoints_volume = modal.Volume.from_name(VOLUME_NAMES["checkpoints"], create_if_missing=True)
+VOLUMES = {launcher.DATA_DIR: data_volume, launcher.MODELS_DIR: models_volume, launcher.CKPT_DIR: checkpoints_volume}
+
+# Secrets come from a local .env (never from the image, never printed); in the container the
+# same values arrive as environment variables.
+_SECRETS = launcher.load_env(REPO / ".env") if modal.is_local() else {}
+SECRETS = [modal.Secret.from_dict(_SECRETS)]
+
+_image = (
+    modal.Image.from_registry(EXP.image["base"], add_python=EXP.image["python"])
+    .apt_install("git", "build-essential", "curl")
+    .pip_install_from_requirements(str(REPO / "recipe" / "retool" / "requirements-gpu.txt"))
+)
+if EXP.image.get("flash_attn_wheel"):
+    _image = _image.pip_install(EXP.image["flash_attn_wheel"])
+_config = Path(os.environ.get("RETOOL_MODAL_CONFIG") or launcher.DEFAULT_CONFIG).resolve()
+image = (
+    _image.env({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": f"{launcher.MODELS_DIR}/hf-cache",
+                # the containers re-import this file: point them at the same experiment config
+                "RETOOL_MODAL_CONFIG": f"/opt/retool/{_config.relative_to(REPO)}" if _config.is_relative_to(REPO) else ""})
+    # our source last, so editing it rebuilds only these two small layers
+    .add_local_dir(str(REPO), "/opt/retool", copy=True,
+                   ignore=[".git", ".venv", ".env", "outputs", "**/__pycache__", "data", "checkpoints", ".whl", ".gpu"])
+    .run_commands("pip install --no-deps -e /opt/retool")
+    .workdir("/opt/retool")
+)
+
+
+def _run(cmds: list[list[str]], env: dict[str, str] | None = None) -> None:
+    import shlex
+
+    full_env = {**os.environ, **launcher.logging_env({k: v for k, v in os.environ.items() if k in launcher.SECRET_KEYS}),
+                **(env or {})}
+    for cmd in cmds:
+        print("$ " + launcher.redact(shlex.join(cmd), _secrets_in_env()), flush=True)
+        subprocess.run(cmd, check=True, env=full_env)
+
+
+def _secrets_in_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in launcher.SECRET_KEYS if os.environ.get(k)}
+
+
+def _reload() -> None:
+    for volume in VOLUMES.values():
+        volume.reload()
+
+
+def _commit() -> None:
+    for volume in VOLUMES.values():
+        volume.commit()
+
+
+def _sandbox_url() -> str:
+    if EXP.sandbox["url"]:
+        return EXP.sandbox["url"]
+    fn = modal.Function.from_name(EXP.sandbox["app_name"], EXP.sandbox["function"])
+    return fn.get_web_url()
+
+
+def _ensure_model(model_id: str) -> str:
+    path = launcher.model_dir(model_id)
+    if not (Path(path) / "config.json").exists():
+        _run([["python", "-m", "recipe.retool.launcher", "--download", model_id, path]])
+        models_volume.commit()
+    return path
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, timeout=T["download"])
+def download_model(model: str = EXP.model) -> str:
+    _reload()
+    return _ensure_model(model)
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, timeout=T["prep"], cpu=16)
+def prep_dataset() -> None:
+    _reload()
+    tokenizer = _ensure_model(EXP.model)
+    _run(launcher.prep_commands(EXP, tokenizer))
+    _commit()
+
+
+def _train_sft(extra: list[str] | None = None) -> None:
+    _reload()
+    if EXP.nodes > 1:
+        info = modal.experimental.get_cluster_info()
+        os.environ.update(NODE_RANK=str(info.rank), MASTER_ADDR=info.container_ips[0], MASTER_PORT="29500")
+    model = _ensure_model(EXP.model)
+    cmd = launcher.sft_command(EXP, model, extra or [])
+    _run([cmd])
+    launcher.write_checkpoint_info(launcher.sft_checkpoint_root(EXP), "sft", EXP.model, launcher.DATA_DIR,
+                                   EXP.sft["config"], EXP.sft["overrides"])
+    _commit()
+
+
+if EXP.nodes > 1:  # multi-node SFT: a Modal cluster, one container per node, torchrun across them
+    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["sft"], name="train")(
+        modal.experimental.clustered(size=EXP.nodes)(_train_sft))
+else:
+    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["sft"], name="train")(
+        _train_sft)
+
+
+def _train_grpo(sft_checkpoint: str | None = None, extra: list[str] | None = None) -> None:
+    _reload()
+    cmd = launcher.grpo_command(EXP, sft_checkpoint, extra or [])
+    _run([cmd], env={"RETOOL_SANDBOX_URL": _sandbox_url()})
+    launcher.write_checkpoint_info(f"{launcher.CKPT_DIR}/grpo-experiments/{EXP.grpo_name}", "grpo",
+                                   sft_checkpoint or launcher.sft_checkpoint_root(EXP), launcher.DATA_DIR,
+                                   EXP.grpo["config"], EXP.grpo["overrides"])
+    _commit()
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["grpo"])
+def train_grpo(sft_checkpoint: str = "") -> None:
+    _train_grpo(sft_checkpoint or None)
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["grpo"])
+def train_dapo(sft_checkpoint: str = "") -> None:
+    """Alias of train_grpo (the RL data is DAPO-Math-17k)."""
+    _train_grpo(sft_checkpoint or None)
+
+
+def _latest_checkpoint() -> str:
+    ckpts = launcher.list_checkpoints()
+    for stage in ("grpo", "sft"):
+        mine = [c for c in ckpts if c["stage"] == stage]
+        if mine:
+            return max(mine, key=lambda c: c["step"])["path"]
+    raise RuntimeError(f"no checkpoints under {launcher.CKPT_DIR}; train first or pass --checkpoint")
+
+
+def _serve_and_evaluate(checkpoint: str, gpus: int, extra: list[str]) -> None:
+    import httpx
+
+    from recipe.retool.train import resolve_model
+
+    resolved = resolve_model(checkpoint)
+    if resolved.merge_from:
+        _run([resolved.merge_command()])
+    server = subprocess.Popen(launcher.serve_command(EXP, resolved.path, gpus))
+    try:
+        url = f"http://127.0.0.1:{EXP.eval['port']}/v1/models"
+        for _ in range(1800):
+            if server.poll() is not None:
+                raise RuntimeError(f"model server exited with {server.returncode}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        name = Path(checkpoint).name if "global_step" in checkpoint else Path(resolved.path).name
+        output = f"{launcher.CKPT_DIR}/eval/{EXP.experiment}/{name}.json"
+        _run([launcher.eval_command(EXP, output, _sandbox_url(), extra)])
+    finally:
+        server.terminate()
+        server.wait(60)
+    _commit()
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["eval"])
+def evaluate(checkpoint: str = "") -> None:
+    _reload()
+    _serve_and_evaluate(checkpoint or EXP.eval["checkpoint"] or _latest_checkpoint(), EXP.gpus, [])
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, timeout=T["sft"] + T["grpo"] + T["eval"])
+def pipeline() -> None:
+    """SFT → GRPO → evaluation, chained (each stage on its own GPU containers)."""
+    train.remote()
+    train_grpo.remote()
+    evaluate.remote()
+
+
+@app.function(image=image, volumes=VOLUMES, timeout=300)
+def list_checkpoints() -> list[dict]:
+    _reload()
+    rows = launcher.list_checkpoints()
+    for r in rows:
+        print(f"{r['stage']:5s} {r['experiment']:30s} step {r['step']:6d} merged={r['merged']} {r['path']}")
+    return rows
+
+
+@app.function(image=image, volumes=VOLUMES, timeout=3600, cpu=8, memory=65536)
+def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str:
+    _reload()
+    step_dir = Path(launcher.CKPT_DIR) / f"{stage}-experiments" / experiment_name / f"global_step_{step}"
+    if not step_dir.is_dir():
+        raise FileNotFoundError(f"{step_dir}: no such checkpoint (see list_checkpoints)")
+    _run([launcher.merge_command(step_dir)])
+    _commit()
+    return str(step_dir)
+
+
+@app.function(image=image, timeout=300)
+def check_sandbox_connection() -> dict:
+    import asyncio
+
+    from recipe.retool.sandbox.client import SandboxClient
+
+    url = _sandbox_url()
+
+    async def probe():
+        client = SandboxClient(url, max_retries=1)
+        try:
+            ok = await client.ping()
+            res = await client.run_code("import sympy\nprint(sympy.factorint(2024))")
+            return {"url": url, "ping": ok, "status": res.status, "stdout": res.stdout,
+                    "latency_ms": round(res.latency_s * 1000)}
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(probe())
+    print(report)
+    return report
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=f"{EXP.gpu}:1", timeout=T["smoke"])
+def smoke() -> None:
+    """The smallest end-to-end run on one GPU: a handful of steps of each stage (see config/modal/smoke.yaml)."""
+    _reload()
+    plan = launcher.plan(EXP)["smoke"]["commands"]
+    model = _ensure_model(EXP.smoke["model"])
+    prep, sft, grpo, evaluation = plan[:-3], plan[-3], plan[-2], plan[-1]
+    _run(prep)
+    _run([sft])
+    _run([grpo], env={"RETOOL_SANDBOX_URL": _sandbox_url()})
+    _commit()
+    latest = max((c for c in launcher.list_checkpoints() if c["experiment"] == f"{EXP.experiment}-grpo"),
+                 key=lambda c: c["step"], default=None)
+    _serve_and_evaluate(latest["path"] if latest else model, 1, [str(a) for a in evaluation[evaluation.index("--data") + 2:]])
+
+
+@app.function(image=image, volumes=VOLUMES, timeout=300)
+def list_models() -> list[str]:
+    _reload()
+    names = sorted(p.name for p in Path(launcher.MODELS_DIR).iterdir() if (p / "config.json").exists())
+    for n in names:
+        print(n.replace("--", "/"))
+    return names
+
+
+@app.local_entrypoint()
+def dry_run() -> None:
+    """Print each function's commands and resources for this experiment config (nothing runs)."""
+    sys.exit(launcher.main(["--dry-run", *(["--config", os.environ["RETOOL_MODAL_CONFIG"]]
+                                           if os.environ.get("RETOOL_MODAL_CONFIG") else [])]))
