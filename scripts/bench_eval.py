@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,12 +41,6 @@ def wait_up(url: str) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", type=int, default=30)
@@ -58,13 +51,11 @@ def main() -> None:
 
     from recipe.retool.data import rl_row, write_parquet
     from recipe.retool.eval_aime24_standalone import EvalConfig, evaluate
+    from recipe.retool.sandbox.local import LocalSandbox, free_port
 
-    port = free_port()
-    sandbox = subprocess.Popen([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port),
-                                "--log-level", "warning"], cwd=REPO)
-    sandbox_url = f"http://127.0.0.1:{port}"
+    sandbox = LocalSandbox(workers=None, cwd=str(REPO)).wait()
+    sandbox_url = sandbox.url
     try:
-        wait_up(sandbox_url + "/v1/ping")
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "problems.parquet"
             write_parquet([rl_row(f"Bench problem {i}: compute.", str(i), "bench", i, "test", "code_interpreter")
@@ -104,8 +95,7 @@ def main() -> None:
                     print(f"instant model: {n / wall:.0f} samples/s, {1000 * wall / n:.2f} ms wall and "
                           f"{1000 * cpu / n:.2f} ms harness CPU per sample (stand-in and sandbox in their own processes)")
     finally:
-        sandbox.terminate()
-        sandbox.wait(10)
+        sandbox.stop()
 
 
 if __name__ == "__main__":

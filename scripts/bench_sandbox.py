@@ -55,19 +55,6 @@ async def drive(call, n: int, concurrency: int) -> tuple[float, list[float]]:
     return n / (time.perf_counter() - t0), lat
 
 
-def start_server(port: int, workers: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port),
-                             "--workers", str(workers), "--log-level", "warning"], cwd=REPO)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/ping", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
-
-
 def tree_pss_mb(pid: int) -> float:
     """RSS of a process and all its descendants (the server and its workers), in MiB."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,rss="], capture_output=True, text=True).stdout.split("\n")
@@ -109,9 +96,11 @@ async def bench(url: str, quick: bool) -> None:
               f"{'base req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | {'ratio':>6s}")
         for (name, conc), (n_ours, n_base) in plan.items():
             code, expect = SNIPPETS[name]
-            await drive(lambda: ours(code, expect), 8, 8)  # warm connections
-            tp_o, lat_o = await drive(lambda: ours(code, expect), max(8, int(n_ours * scale)), conc)
-            tp_b, lat_b = await drive(lambda: baseline(code, expect), max(4, int(n_base * scale)), conc)
+            run_ours = lambda c=code, e=expect: ours(c, e)  # noqa: E731
+            run_base = lambda c=code, e=expect: baseline(c, e)  # noqa: E731
+            await drive(run_ours, 8, 8)  # warm connections
+            tp_o, lat_o = await drive(run_ours, max(8, int(n_ours * scale)), conc)
+            tp_b, lat_b = await drive(run_base, max(4, int(n_base * scale)), conc)
             print(f"{name:8s} {conc:4d} | {tp_o:10.1f} {pct(lat_o, .5)*1e3:8.1f} {pct(lat_o, .99)*1e3:8.1f} | "
                   f"{tp_b:10.1f} {pct(lat_b, .5)*1e3:8.1f} {pct(lat_b, .99)*1e3:8.1f} | {tp_o / tp_b:5.1f}x")
 
@@ -187,8 +176,10 @@ def main() -> None:
     from recipe.retool.sandbox.pool import SandboxConfig
 
     workers = args.workers or SandboxConfig().workers
-    proc = start_server(args.port, workers)
-    url = f"http://127.0.0.1:{args.port}"
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    sandbox = LocalSandbox(workers=workers, cwd=str(REPO), port=args.port).wait(300)
+    proc, url = sandbox.proc, sandbox.url
     ok = True
     try:
         print(f"{os.cpu_count()} cores, {workers} sandbox workers, python {sys.version.split()[0]}")
@@ -197,8 +188,7 @@ def main() -> None:
         if args.load:
             ok = asyncio.run(load_test(url, args.load, proc.pid))
     finally:
-        proc.terminate()
-        proc.wait(10)
+        sandbox.stop()
     sys.exit(0 if ok else 1)
 
 

@@ -33,56 +33,20 @@ def sample_data(tmp_path_factory) -> dict[str, Path]:
     return prepare_all(tmp_path_factory.mktemp("data"), SAMPLE_SOURCES)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SandboxServer:
-    """Our real sandbox server, started as a subprocess on a free loopback port."""
+    """Our real sandbox server on a free loopback port, with canary secrets in *its* environment."""
 
     SECRET = "canary-secret-7f3a"
 
-    def __init__(self, workers: int = 2, extra_args: tuple[str, ...] = ()):
+    def __new__(cls, workers: int = 2):
         import os
-        import subprocess
-        import time
 
-        import httpx
+        from recipe.retool.sandbox.local import LocalSandbox
 
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, HF_TOKEN=self.SECRET, WANDB_API_KEY=self.SECRET, RETOOL_TEST_SECRET=self.SECRET)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(self.port),
-             "--workers", str(workers), "--log-level", "warning", *extra_args],
-            env=env, cwd=str(REPO),
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sandbox server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("sandbox server did not come up in 120s")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
+        env = dict(os.environ, HF_TOKEN=cls.SECRET, WANDB_API_KEY=cls.SECRET, RETOOL_TEST_SECRET=cls.SECRET)
+        server = LocalSandbox(workers=workers, env=env, cwd=str(REPO)).wait()
+        server.SECRET = cls.SECRET
+        return server
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,12 @@ import sys
 from math import comb
 
 import pytest
-from conftest import _free_port
 from stub_openai_server import Script, StubServer
 
 from recipe.retool import PACKAGE_DIR
 from recipe.retool.data import rl_row, write_parquet
 from recipe.retool.eval_aime24_standalone import EvalConfig, evaluate, pass_at_k, samples_path
+from recipe.retool.sandbox.local import free_port
 
 
 def test_pass_at_k_against_hand_computed_values():
@@ -39,7 +39,7 @@ def problems_parquet(tmp_path):
 
 
 def stub(script: Script) -> StubServer:
-    return StubServer(script, _free_port())
+    return StubServer(script, free_port())
 
 
 def config(tmp_path, llm, sandbox, data, **kw) -> EvalConfig:

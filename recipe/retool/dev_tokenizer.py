@@ -83,8 +83,7 @@ def _sample_texts() -> Iterator[str]:
     """Yield text from the bundled sample data (our training corpus for the BPE merges)."""
     for path in sorted(SAMPLE_DATA_DIR.glob("*.jsonl")):
         with path.open() as fh:
-            for line in fh:
-                yield line
+            yield from fh
 
 
 def build_dev_tokenizer(vocab_size: int = 2048, corpus: Iterable[str] | None = None):

@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from recipe.retool import PACKAGE_DIR
 from recipe.retool.data import DEFAULT_SOURCES, SAMPLE_SOURCES, prepare_all
+from recipe.retool.sandbox.local import LocalSandbox
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,6 @@ class StageResult:
     status: str  # done | skipped | failed
     detail: str = ""
     figures: dict[str, object] = field(default_factory=dict)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gpu_count() -> int:
@@ -85,35 +79,6 @@ def stage_prefilter(out: Path, raw: dict[str, Path], tokenizer: str) -> StageRes
         res = prefilter(src, dst, tokenizer, progress=False)
         figures[name] = f"{res.kept} kept, {res.dropped} dropped, prompt p50 {int(sorted(res.prompt_lengths)[len(res.prompt_lengths) // 2])} tok"
     return StageResult("prefilter", "done", f"tokenizer {tokenizer} → {out / 'data'}", figures)
-
-
-class LocalSandbox:
-    def __init__(self, workers: int = 2):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port",
-                                      str(self.port), "--workers", str(workers), "--log-level", "warning"])
-
-    def wait(self, timeout: float = 120) -> None:
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sandbox server exited with code {self.proc.returncode} (see its log above)")
-            try:
-                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("sandbox server did not answer within 120s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def stage_sandbox(sandbox: LocalSandbox) -> StageResult:
