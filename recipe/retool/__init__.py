@@ -8,6 +8,7 @@ Stages (each a module with its own CLI, ``python -m recipe.retool.<stage> --help
 - ``train``             SFT and GRPO command builders over verl's trainers
 - ``eval_aime24_standalone`` pass@k evaluation against an OpenAI-compatible server
 - ``pipeline``          the whole pipeline locally on embedded defaults
+- ``launcher`` / ``modal_app`` / ``modal_sandbox``   the cloud launcher (Modal)
 """
 
 from pathlib import Path
