@@ -55,8 +55,10 @@ async def drive(call, n: int, concurrency: int) -> tuple[float, list[float]]:
     return n / (time.perf_counter() - t0), lat
 
 
-def tree_pss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants (the server and its workers), in MiB."""
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants (the server and its workers), in MiB. Forked
+    children share copy-on-write pages with their worker yet each counts them in full, so the
+    peaks mid-run overstate memory; before/after compares like with like."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,rss="], capture_output=True, text=True).stdout.split("\n")
     rows = [tuple(map(int, line.split())) for line in out if line.strip()]
     children: dict[int, list[int]] = {}
@@ -129,7 +131,7 @@ async def load_test(url: str, n: int, server_pid: int, concurrency: int = 64) ->
     kinds = rng.choices(list(LOAD_KINDS), weights=[k[0] for k in LOAD_KINDS.values()], k=n)
     wrong: list[tuple[int, str, str]] = []
     lost = 0
-    mem: list[float] = [tree_pss_mb(server_pid)]
+    mem: list[float] = [tree_rss_mb(server_pid)]
     done = 0
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
         sem = asyncio.Semaphore(concurrency)
@@ -149,12 +151,12 @@ async def load_test(url: str, n: int, server_pid: int, concurrency: int = 64) ->
                     wrong.append((i, kind, repr(exc)))
             done += 1
             if done % max(1, n // 10) == 0:
-                mem.append(tree_pss_mb(server_pid))
+                mem.append(tree_rss_mb(server_pid))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, k) for i, k in enumerate(kinds)))
         elapsed = time.perf_counter() - t0
-    mem.append(tree_pss_mb(server_pid))
+    mem.append(tree_rss_mb(server_pid))
     counts = {k: kinds.count(k) for k in LOAD_KINDS}
     print(f"\nload test: {n} requests at concurrency {concurrency} in {elapsed:.1f}s ({n / elapsed:.0f} req/s), mix {counts}")
     print(f"  lost: {lost}, wrong: {len(wrong) - lost}")
