@@ -1,6 +1,6 @@
 """Prove the SFT path on a GPU and measure it: verl's real SFT trainer with our config.
 
-    python scripts/gpu_sft_proof.py --out OUT [--shape 0.5b] [--seq-len 4096] [--steps 6] [--skip-resume]
+    python scripts/gpu_sft_proof.py --out OUT [--shape 0.5b] [--seq-len 4096] [--steps 6] [--gpus 1] [--sp 1]
 
 1. measures the GPU's bf16 matmul peak (8192³, mean of 10 after warm-up);
 2. builds a Qwen2-architecture model with random weights at the given shape (no hub) and the
@@ -134,9 +134,9 @@ _STEP_LINE = re.compile(r"step:(\d+) - .*?train/global_tokens:(\d+)")
 
 
 def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch: int, log: Path,
-            extra: list[str]) -> dict:
+            extra: list[str], gpus: int = 1, sp: int = 1) -> dict:
     overrides = [
-        "trainer.n_gpus_per_node=1", "engine.ulysses_sequence_parallel_size=1", f"data.max_length={seq_len}",
+        f"trainer.n_gpus_per_node={gpus}", f"engine.ulysses_sequence_parallel_size={sp}", f"data.max_length={seq_len}",
         f"data.max_token_len_per_gpu={seq_len}", f"data.train_batch_size={batch}", "data.micro_batch_size_per_gpu=1",
         f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}", "trainer.logger=[console]",
         "data.num_workers=2", *extra,
@@ -171,13 +171,15 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=4, help="conversations per step")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs on this machine to train on (FSDP across them)")
+    p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel size")
     p.add_argument("--skip-resume", action="store_true")
     p.add_argument("--reference-only", action="store_true", help="only the plain-PyTorch reference step")
     p.add_argument("--extra", nargs="*", default=[], help="more verl overrides")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"shape": args.shape, "seq_len": args.seq_len, "batch": args.batch}
+    summary: dict = {"shape": args.shape, "seq_len": args.seq_len, "batch": args.batch, "gpus": args.gpus, "sp": args.sp}
     summary["peak_bf16_tflops"] = round(measure_peak_tflops(), 1)
     model, n_params, (hidden, layers, *_rest) = build_model(out / f"model-{args.shape}", args.shape)
     summary["params"] = n_params
@@ -197,18 +199,19 @@ def main() -> None:
         return
     log = out / f"sft-{args.shape}-{args.seq_len}.log"
     ckpt = out / "ckpt"
-    run = run_sft(model, data, ckpt, args.steps, args.seq_len, args.batch, log, extra)
+    run = run_sft(model, data, ckpt, args.steps, args.seq_len, args.batch, log, extra, args.gpus, args.sp)
     summary["run"] = run
     if run["tokens_per_s"]:
         # training FLOPs per token: 6·N for the matmuls + 12·layers·hidden·seq for causal attention (fwd+bwd)
         flops_per_token = 6 * n_params + 12 * layers * hidden * args.seq_len / 2
         achieved = run["tokens_per_s"] * flops_per_token / 1e12
         summary["model_tflops"] = round(achieved, 1)
-        summary["mfu"] = round(achieved / summary["peak_bf16_tflops"], 4)
+        summary["tokens_per_s_per_gpu"] = round(run["tokens_per_s"] / args.gpus, 1)
+        summary["mfu"] = round(achieved / (summary["peak_bf16_tflops"] * args.gpus), 4)
     exp_dir = ckpt / "sft-experiments" / "gpu-proof"
     summary["checkpoints"] = sorted(p.name for p in exp_dir.glob("global_step_*"))
     if not args.skip_resume:
-        resumed = run_sft(model, data, ckpt, args.steps + 2, args.seq_len, args.batch, log, extra)
+        resumed = run_sft(model, data, ckpt, args.steps + 2, args.seq_len, args.batch, log, extra, args.gpus, args.sp)
         summary["resume"] = {"steps_logged": resumed["steps_logged"],
                              "resumed_from_checkpoint": min(resumed["steps_logged"] or [0]) == args.steps + 1}
         last = exp_dir / f"global_step_{args.steps + 2}"
