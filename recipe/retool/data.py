@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.retool import CONFIG_DIR, SAMPLE_DATA_DIR
+from recipe.retool.code_blocks import extract_code
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ _DAPO_SUFFIX = re.compile(r"\n\nRemember to put your answer on its own line afte
 
 _CODE_RE = re.compile(r"<code>(.*?)</code>", re.DOTALL)
 _INTERP_RE = re.compile(r"\s*<interpreter>(.*?)</interpreter>", re.DOTALL)
-_FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n?(.*?)```", re.DOTALL)
 
 
 class DataError(ValueError):
@@ -218,12 +218,6 @@ def _text(row: dict[str, Any], key: str, what: str = "a non-empty string") -> st
 # ----------------------------------------------------------------------------------------------
 
 
-def extract_code(block: str) -> str:
-    """The code inside a ``<code>`` block: the first markdown fence if there is one, else the text."""
-    m = _FENCE_RE.search(block)
-    return (m.group(1) if m else block).strip()
-
-
 def split_assistant_turn(content: str, tool_name: str) -> list[dict[str, Any]]:
     """Turn one ReTool assistant message into assistant/tool turns.
 
@@ -236,7 +230,7 @@ def split_assistant_turn(content: str, tool_name: str) -> list[dict[str, Any]]:
         m = _CODE_RE.search(content, pos)
         if m is None:
             break
-        code = extract_code(m.group(1))
+        code = extract_code(m.group(1)).strip()
         if not code:
             raise RowError("messages", f"a non-empty <code> block at character {m.start()}")
         interp = _INTERP_RE.match(content, m.end())

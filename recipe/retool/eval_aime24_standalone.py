@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipe.retool.code_blocks import extract_code, print_last_expression
 from recipe.retool.data import DataError, load_code_tool_schema
 from recipe.retool.reward import score_answer
 from recipe.retool.sandbox.client import SandboxClient
-from recipe.retool.tools import extract_code, print_last_expression
 
 logger = logging.getLogger(__name__)
 

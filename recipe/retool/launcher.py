@@ -206,13 +206,13 @@ def merge_command(step_dir: Path) -> list[str]:
 
 def list_checkpoints(root: str | Path = CKPT_DIR) -> list[dict[str, Any]]:
     """Every ``global_step_N`` under ``{sft,grpo}-experiments/<exp>/``, with its info file if any."""
-    from recipe.retool.train import _STEP
+    from recipe.retool.train import STEP_DIR
 
     out = []
     root = Path(root)
     for stage_dir in sorted(root.glob("*-experiments")):
         for exp_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
-            for step_dir in sorted((p for p in exp_dir.iterdir() if _STEP.match(p.name)),
+            for step_dir in sorted((p for p in exp_dir.iterdir() if STEP_DIR.match(p.name)),
                                    key=lambda p: int(p.name.split("_")[-1])):
                 info_path = step_dir / "checkpoint_info.json"
                 info = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -237,7 +237,7 @@ def config_hash(config_name: str, overrides: Sequence[str]) -> str:
 def write_checkpoint_info(exp_dir: str | Path, stage: str, base_model: str, data: str, config_name: str,
                           overrides: Sequence[str]) -> list[Path]:
     """Describe each new ``global_step_N`` of a run (stage, step, base model, data, config hash, time)."""
-    from recipe.retool.train import _STEP
+    from recipe.retool.train import STEP_DIR
 
     written = []
     exp_dir = Path(exp_dir)
@@ -245,7 +245,7 @@ def write_checkpoint_info(exp_dir: str | Path, stage: str, base_model: str, data
         return written
     digest = config_hash(config_name, overrides)
     for step_dir in exp_dir.iterdir():
-        m = _STEP.match(step_dir.name)
+        m = STEP_DIR.match(step_dir.name)
         info = step_dir / "checkpoint_info.json"
         if not m or info.exists():
             continue

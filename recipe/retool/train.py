@@ -35,7 +35,7 @@ STAGES = {
 # is passed as an override rather than written in the YAML, because Hydra only honours
 # hydra.searchpath in the primary config and our variants (retool_grpo_upstream) extend others.
 SEARCHPATH = "hydra.searchpath=[pkg://verl.trainer.config]"
-_STEP = re.compile(r"^global_step_(\d+)$")
+STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
 
 
@@ -139,7 +139,7 @@ def _has_weights(d: Path) -> bool:
 
 
 def latest_step_dir(root: Path) -> Path | None:
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
     return max(steps)[1] if steps else None
 
 
@@ -165,7 +165,7 @@ def resolve_model(path: str) -> ResolvedModel:
         raise CheckpointError(f"{path}: expected a model directory or a checkpoint root, got a file")
     if _has_weights(p):
         return ResolvedModel(str(p))
-    step = p if _STEP.match(p.name) else latest_step_dir(p)
+    step = p if STEP_DIR.match(p.name) else latest_step_dir(p)
     if step is None:
         raise CheckpointError(f"{path}: neither a Hugging Face model (config.json + weights) "
                               "nor a checkpoint root with global_step_N folders")
