@@ -59,15 +59,6 @@ def sandbox_server():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, dev_tokenizer) -> Path:
     """A random-init Qwen2-architecture model (2 layers, hidden 64) with the dev tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from recipe.retool.dev_tokenizer import save_tiny_qwen2
 
-    out = tmp_path_factory.mktemp("tiny_qwen2")
-    config = Qwen2Config(vocab_size=len(dev_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=dev_tokenizer.eos_token_id,
-                         pad_token_id=dev_tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    dev_tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), dev_tokenizer)

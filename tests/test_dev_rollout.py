@@ -90,6 +90,12 @@ def test_unsupported_sampling_is_refused():
         Sampling.from_params({"temperature": 1.0, "repetition_penalty": 1.1})
 
 
+def test_load_weights_takes_tied_names_as_the_actor_sends_them(engine):
+    sd = {n: t.detach().clone() for n, t in engine.model.state_dict().items()}
+    assert "lm_head.weight" in sd  # tied to the input embedding, yet exported by name
+    assert engine.load_weights(sd.items()) == len(sd)
+
+
 def test_load_weights_changes_generation_and_checks_names(engine, tiny_model_dir):
     before = engine.generate([[9, 8, 7]], [8], GREEDY)[0].token_ids
     originals = {n: p.detach().clone() for n, p in engine.model.named_parameters()}

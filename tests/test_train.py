@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
 from recipe.retool.train import CheckpointError, compose, path_overrides, resolve_model, unknown_keys
 
-CONFIGS = ["retool_sft", "retool_grpo_template", "retool_grpo_upstream"]
+GRPO_CONFIGS = ["retool_grpo_template", "retool_grpo_upstream", "retool_grpo_debug", "retool_grpo_debug_cpu"]
+CONFIGS = ["retool_sft", *GRPO_CONFIGS]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -35,7 +36,15 @@ def grpo_cfg(tiny_model_dir, sample_data, name="retool_grpo_template", extra=())
                           f"retool.recipe_dir={PACKAGE_DIR}", *extra])
 
 
-@pytest.mark.parametrize("name", ["retool_grpo_template", "retool_grpo_upstream"])
+@pytest.mark.parametrize("name", GRPO_CONFIGS)
+def test_ray_worker_environment_is_literal(tiny_model_dir, sample_data, name):
+    """verl 0.9.1 merges ray_kwargs.ray_init.runtime_env outside the config tree: an interpolation
+    there reaches Ray as literal "${...}" text (and an oc.env reading it back recurses)."""
+    env = OmegaConf.to_container(grpo_cfg(tiny_model_dir, sample_data, name).ray_kwargs.ray_init.runtime_env)
+    assert not [k for k, v in env.get("env_vars", {}).items() if "${" in str(v)]
+
+
+@pytest.mark.parametrize("name", GRPO_CONFIGS)
 def test_grpo_config_passes_verls_own_validation(tiny_model_dir, sample_data, name):
     from verl.trainer.config import AlgoConfig
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
@@ -48,7 +57,7 @@ def test_grpo_config_passes_verls_own_validation(tiny_model_dir, sample_data, na
     algo = omega_conf_to_dataclass(cfg.algorithm)
     assert isinstance(algo, AlgoConfig) and algo.adv_estimator == "grpo"
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
-    assert rollout.name == "sglang" and rollout.multi_turn.enable and rollout.multi_turn.format == "hermes"
+    assert rollout.name == ("hf_dev" if "debug" in name else "sglang") and rollout.multi_turn.enable and rollout.multi_turn.format == "hermes"
     assert rollout.agent.default_agent_loop == "tool_agent"
     model = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
     assert model.path == str(tiny_model_dir) and model.enable_gradient_checkpointing

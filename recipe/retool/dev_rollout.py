@@ -125,8 +125,7 @@ class DevGenerator:
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy full (unsharded) parameters by their Hugging Face names; returns how many."""
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
+        params = self.model.state_dict(keep_vars=True)  # tied weights appear under both names
         count = 0
         with torch.no_grad():
             for name, tensor in named:

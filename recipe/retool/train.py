@@ -55,7 +55,10 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path = 
 
 
 # Keys our YAML may add that verl's schema does not declare (everything else must already exist).
-EXTENSION_KEYS = ("retool.", "reward.custom_reward_function.reward_kwargs.", "ray_kwargs.ray_init.runtime_env.env_vars.")
+# (ray_kwargs.ray_init goes to ray.init() as keyword arguments and model.override_config to the
+# Hugging Face model config: their schemas are Ray's and transformers', not verl's.)
+EXTENSION_KEYS = ("retool.", "reward.custom_reward_function.reward_kwargs.", "ray_kwargs.ray_init.",
+                  "actor_rollout_ref.model.override_config.")
 BASE_CONFIG = {"sft_trainer_engine", "ppo_trainer"}
 
 
@@ -209,6 +212,8 @@ def environment(cfg, stage: str) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if stage == "grpo":
         env["RETOOL_SANDBOX_URL"] = str(cfg.retool.sandbox_url)
+        # the driver gets the environment the config gives verl's Ray workers (plugins, platform)
+        env.update({k: str(v) for k, v in cfg.ray_kwargs.ray_init.runtime_env.get("env_vars", {}).items()})
     if "swanlab" in list(cfg.trainer.logger) and not env.get("SWANLAB_API_KEY"):
         env.setdefault("SWANLAB_MODE", "local")  # no key: log locally rather than fail
     if "wandb" in list(cfg.trainer.logger) and not env.get("WANDB_API_KEY"):
