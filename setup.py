@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "httptools",
     "pyzmq",
     "msgspec",
+    "TransferQueue==0.1.11",  # main_ppo's v1 trainer (use_v1) passes batches through it
+    "tensordict==0.10.0",  # the one version both verl (<=0.10) and TransferQueue (>=0.10) accept
     "datasets",
     "pyarrow>=19",
     "pandas",

@@ -71,3 +71,13 @@ def test_symbolic_check_works_outside_the_main_thread():
     t.start()
     t.join(30)
     assert out["r"] == (True, "2\\sqrt{2}")
+
+
+def test_tool_calls_survive_verls_decoding_and_earn_the_bonus(dev_tokenizer):
+    """verl decodes the response with skip_special_tokens=True before scoring: the tool tags must
+    not be special tokens (as in Qwen2.5's tokenizer), or no tool call would ever be counted."""
+    text = ('<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}\n</tool_call><|im_end|>\n'
+            "<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\nno idea<|im_end|>")
+    decoded = dev_tokenizer.decode(dev_tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True)
+    result = compute_score(data_source="dapo", solution_str=decoded, ground_truth="7")
+    assert result["num_tool_calls"] == 1 and result["score"] == pytest.approx(-0.9)

@@ -26,8 +26,10 @@ Plugging in (verl's hooks only): importing this module registers the backend. Pu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -216,7 +218,7 @@ class HFDevServer:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._model_lock: asyncio.Lock | None = None
-        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "weight_syncs": 0}
+        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "weight_syncs": 0, "generate_s": 0.0}
 
     # --- verl's token-in/token-out call
     def _budget(self, prompt_len: int, params: dict[str, Any]) -> int:
@@ -256,9 +258,11 @@ class HFDevServer:
                 self._queue = [r for r in self._queue if id(r) not in taken]
                 try:
                     async with self._model_lock:
+                        started = time.perf_counter()
                         outs = await asyncio.to_thread(
                             self.engine.generate, [r.prompt_ids for r in batch],
                             [r.max_new_tokens for r in batch], head, self.generator)
+                        self.stats["generate_s"] += time.perf_counter() - started
                 except Exception as err:  # fail the requests, keep serving
                     for r in batch:
                         if not r.future.done():
@@ -278,9 +282,11 @@ class HFDevServer:
             count = await asyncio.to_thread(self.engine.load_weights, named)
         self.global_steps = global_steps
         self.stats["weight_syncs"] += 1
+        # one line per sync in the trainer's log (Ray forwards actor output): what the rollouts cost
+        print(f"{BACKEND} server stats: {json.dumps({**self.stats, 'device': str(self.engine.device)})}", flush=True)
         return count
 
-    def get_stats(self) -> dict[str, int]:
+    def get_stats(self) -> dict[str, float]:
         return dict(self.stats)
 
     # --- control calls the trainer makes on every server; nothing to do for this backend

@@ -18,15 +18,10 @@ from pathlib import Path
 
 from recipe.retool import SAMPLE_DATA_DIR
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# As in Qwen2.5's tokenizer: single tokens, but not special, so decoding with
+# skip_special_tokens=True (what verl does before scoring) keeps them in the text.
+TOOL_TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Our own ChatML/hermes template. Every message renders on its own (no grouping of consecutive
@@ -88,7 +83,7 @@ def _sample_texts() -> Iterator[str]:
 
 def build_dev_tokenizer(vocab_size: int = 2048, corpus: Iterable[str] | None = None):
     """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -103,6 +98,7 @@ def build_dev_tokenizer(vocab_size: int = 2048, corpus: Iterable[str] | None = N
     texts = list(corpus) if corpus is not None else list(_sample_texts())
     texts.append(CHAT_TEMPLATE)
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in TOOL_TAGS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

@@ -1,0 +1,179 @@
+"""Miniature GRPO, end to end: verl's real ``main_ppo`` with our template, tool, sandbox and reward.
+
+    python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps 2]
+
+1. builds a tiny random-init Qwen2 model with the offline dev tokenizer, then teaches it by
+   teacher forcing (a few hundred Adam steps on the RL prompts) to open its answer with a
+   ``code_interpreter`` call, so that rollouts exercise the tool path (a random model never emits
+   one); ``--no-teach`` skips that;
+2. prepares the bundled sample data with the real data stage and starts our sandbox server;
+3. runs ``python -m recipe.retool.train grpo … --config retool_grpo_debug[_cpu]`` (rollouts by the
+   transformers ``hf_dev`` backend) for ``--steps`` steps, saving a checkpoint at the end;
+4. runs it again with one more step: verl resumes from that checkpoint and trains the next step;
+5. prints a JSON summary (also OUT/summary.json): per-step time and where it goes (generation vs
+   log-prob/ref/update/weight sync), score, turns, how far the rollout's log-probs are from the
+   actor's, the code runs our sandbox served, and the resumed step.
+
+Exits non-zero if a run fails or the resume did not happen. CPU needs nothing but this repo's
+install; a GPU machine needs verl importable (see scripts/gpu_wheels.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPLY = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
+KEYS = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref", "timing_s/update_actor",
+        "timing_s/update_weights", "timing_s/save_checkpoint", "critic/score/mean", "critic/score/max",
+        "num_turns/mean", "response_length/mean", "actor/grad_norm", "actor/pg_loss",
+        "training/rollout_probs_diff_max", "training/rollout_actor_probs_pearson_corr"]
+STEP_LINE = re.compile(r"\bstep:(\d+) - (.*)$")
+SERVER_LINE = re.compile(r"hf_dev server stats: (\{.*\})")
+
+
+def teach_tool_call(model_dir: Path, data: Path, steps: int, device: str) -> dict:
+    """Fine-tune the tiny model so that, after any RL prompt, it answers with REPLY (then eos)."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipe.retool.data import load_code_tool_schema
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    schema = load_code_tool_schema()
+    reply = tok.encode(REPLY + tok.eos_token, add_special_tokens=False)
+    rows = []
+    for messages in pd.read_parquet(data)["prompt"]:
+        prompt = tok.apply_chat_template(list(messages), tools=[schema], add_generation_prompt=True, tokenize=True)
+        prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+        rows.append((list(prompt), reply))
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        mask[i, : len(p) + len(r)] = 1
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():  # greedy check on the first prompt
+        out = model.generate(torch.tensor([rows[0][0]], device=device), max_new_tokens=len(reply) + 4,
+                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    greedy = tok.decode(out[0, len(rows[0][0]):], skip_special_tokens=False)
+    model.save_pretrained(model_dir)
+    return {"steps": steps, "final_loss": round(float(loss.detach()), 4), "greedy_reply_is_tool_call": greedy.startswith(REPLY)}
+
+
+def parse_steps(log: str) -> dict[int, dict[str, float]]:
+    steps = {}
+    for line in log.splitlines():
+        m = STEP_LINE.search(line)
+        if not m:
+            continue
+        metrics = {}
+        for part in m.group(2).split(" - "):
+            key, _, value = part.partition(":")
+            num = re.search(r"-?[\d.]+(?:e-?\d+)?", value.split("(")[-1])
+            if key in KEYS and num:
+                metrics[key] = float(num.group(0))
+        steps[int(m.group(1))] = metrics
+    return steps
+
+
+def rollout_costs(log: str) -> list[dict[str, float]]:
+    """Per step, what the hf_dev server did between two weight syncs (its cumulative stats lines)."""
+    snaps = [json.loads(m.group(1)) for m in map(SERVER_LINE.search, log.splitlines()) if m]
+    return [{"requests": b["requests"] - a["requests"], "generated_tokens": b["generated_tokens"] - a["generated_tokens"],
+             "generate_s": round(b["generate_s"] - a["generate_s"], 3)} for a, b in itertools.pairwise(snaps)]
+
+
+def code_runs(sandbox_url: str) -> int:
+    stats = httpx.get(sandbox_url + "/health", timeout=10).json()["stats"]
+    return int(stats.get("requests", stats.get("runs", 0)))
+
+
+def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict) -> float:
+    cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(model), str(data), str(ckpt), "mini",
+           "--config", config, f"trainer.total_training_steps={total_steps}", f"trainer.save_freq={total_steps}"]
+    start = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        sys.exit(f"GRPO run failed (exit {rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+    return time.time() - start
+
+
+def main() -> None:
+    import os
+
+    from recipe.retool.data import SAMPLE_SOURCES, prepare_all
+    from recipe.retool.dev_tokenizer import build_dev_tokenizer, save_tiny_qwen2
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--steps", type=int, default=2, help="steps of the first run (a checkpoint is saved after the last)")
+    p.add_argument("--teach-steps", type=int, default=150)
+    p.add_argument("--no-teach", action="store_true", help="keep the random model (it will not call the tool)")
+    args = p.parse_args()
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"device": args.device}
+    model = save_tiny_qwen2(out / "model", build_dev_tokenizer())
+    data = prepare_all(out / "data", SAMPLE_SOURCES)
+    if not args.no_teach:
+        summary["teach"] = teach_tool_call(model, data["rl"], args.teach_steps, "cuda" if args.device == "gpu" else "cpu")
+        print("taught:", summary["teach"], flush=True)
+    config = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
+    sandbox = LocalSandbox(workers=2).wait()
+    try:
+        env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox.url, "PYTHONUNBUFFERED": "1"}
+        runs_before = code_runs(sandbox.url)
+        ckpt = out / "ckpt"
+        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env)
+        runs_mid = code_runs(sandbox.url)
+        wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env)
+        runs_after = code_runs(sandbox.url)
+    finally:
+        sandbox.stop()
+
+    log1, log2 = (out / "run1.log").read_text(), (out / "run2.log").read_text()
+    first, second = parse_steps(log1), parse_steps(log2)
+    ckpt_dirs = sorted(p.name for p in (ckpt / "grpo-experiments" / "mini").glob("global_step_*"))
+    summary.update({
+        "config": config,
+        "run1": {"wall_s": round(wall1, 1), "steps": first, "rollout_server": rollout_costs(log1),
+                 "sandbox_code_runs": runs_mid - runs_before},
+        "run2_resumed": {"wall_s": round(wall2, 1), "steps": second, "rollout_server": rollout_costs(log2),
+                         "sandbox_code_runs": runs_after - runs_mid},
+        "checkpoints": ckpt_dirs,
+    })
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    expected_first, resumed = list(range(1, args.steps + 1)), sorted(second)
+    if sorted(first) != expected_first or resumed != [args.steps + 1]:
+        sys.exit(f"expected steps {expected_first} then a resumed step {args.steps + 1}; got {sorted(first)} / {resumed}")
+
+
+if __name__ == "__main__":
+    main()
