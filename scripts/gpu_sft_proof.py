@@ -148,6 +148,7 @@ def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch
     with log.open("a") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
         for line in p.stdout:
             fh.write(line)
+            fh.flush()  # so that a profiler waiting for a step line sees it while training runs
             m = _STEP_LINE.search(line)
             if m:
                 step = int(m.group(1))
