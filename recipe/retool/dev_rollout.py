@@ -15,11 +15,11 @@ What it does, and nothing more:
   (``update_weights``), so rollouts are on-policy;
 - every control call the trainer makes (sleep, wake_up, abort, kv-cache, profiling) is accepted.
 It has no paged KV cache, no continuous batching and no tensor parallelism: one server per
-trainer rank, a full copy of the weights, CPU tensors through Ray's object store on every sync.
+replica, a full copy of the weights, CPU tensors through Ray's object store on every sync.
 
 Plugging in (verl's hooks only): importing this module registers the backend. Put
 ``VERL_USE_EXTERNAL_MODULES=recipe.retool.dev_rollout`` in the environment of every verl process
-(``ray_kwargs.ray_init.runtime_env.env_vars``; ``config/retool_grpo_debug.yaml`` does) and set
+(``ray_kwargs.ray_init.runtime_env.env_vars``; ``recipe/retool/config/retool_grpo_debug.yaml`` does) and set
 ``actor_rollout_ref.rollout.name=hf_dev``.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -39,8 +38,6 @@ import torch
 from verl.workers.rollout import base as rollout_base
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
-
-logger = logging.getLogger(__name__)
 
 BACKEND = "hf_dev"
 ADAPTER_FQN = f"{__name__}.HFDevServerAdapter"
@@ -66,7 +63,7 @@ class Sampling:
         return cls(
             temperature=float(params.get("temperature", 1.0)),
             top_p=float(params.get("top_p", 1.0)),
-            top_k=int(params.get("top_k", -1) if params.get("top_k") is not None else -1),
+            top_k=int(-1 if params.get("top_k") is None else params["top_k"]),
             logprobs=bool(params.get("logprobs", False)),
         )
 
