@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def teach_tool_call(model_dir: Path, data: Path, steps: int, device: str) -> dic
     rows = []
     for messages in pd.read_parquet(data)["prompt"]:
         prompt = tok.apply_chat_template(list(messages), tools=[schema], add_generation_prompt=True, tokenize=True)
-        prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+        prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt  # a BatchEncoding in newer transformers
         rows.append((list(prompt), reply))
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)
@@ -106,8 +107,7 @@ def rollout_costs(log: str) -> list[dict[str, float]]:
 
 
 def code_runs(sandbox_url: str) -> int:
-    stats = httpx.get(sandbox_url + "/health", timeout=10).json()["stats"]
-    return int(stats.get("requests", stats.get("runs", 0)))
+    return int(httpx.get(sandbox_url + "/health", timeout=10).json()["stats"].get("requests", 0))
 
 
 def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict) -> float:
@@ -122,8 +122,6 @@ def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int,
 
 
 def main() -> None:
-    import os
-
     from recipe.retool.data import SAMPLE_SOURCES, prepare_all
     from recipe.retool.dev_tokenizer import build_dev_tokenizer, save_tiny_qwen2
     from recipe.retool.sandbox.local import LocalSandbox
