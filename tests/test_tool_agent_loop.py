@@ -76,9 +76,10 @@ async def test_tool_agent_loop_runs_code_on_our_sandbox_and_scores(cfg, dev_toke
     tool_start = dev_tokenizer.decode(out.response_ids).index("<tool_response>")
     assert 0 in mask and 1 in mask and mask[0] == 1 and tool_start > 0
     assert out.num_turns >= 3  # user, assistant (tool call), tool, assistant
-    reward = compute_score(data_source="aime24", solution_str=response, ground_truth="122", extra_info={})
+    meta = {**out.extra_fields, "num_turns": out.num_turns}  # what verl's reward manager adds to extra_info
+    reward = compute_score(data_source="aime24", solution_str=response, ground_truth="122", extra_info=meta)
     assert reward["score"] == 1.0 and reward["num_tool_calls"] == 1
-    wrong = compute_score(data_source="aime24", solution_str=response, ground_truth="123", extra_info={})
+    wrong = compute_score(data_source="aime24", solution_str=response, ground_truth="123", extra_info=meta)
     assert wrong["score"] == pytest.approx(-0.9) and wrong["acc"] == 0.0
 
 
