@@ -2,7 +2,10 @@
 # AIME24 pass@k with tool use against an OpenAI-compatible server (vLLM/SGLang) and a sandbox.
 #   ./evaluate_model.sh MODEL OUTPUT_PATH [BASE_URL] [SANDBOX_URL] [API_KEY] [more eval flags ...]
 # Defaults: BASE_URL=http://localhost:8000/v1  SANDBOX_URL=http://localhost:8080  API_KEY=EMPTY
-# Thin wrapper over `python -m recipe.retool.eval_aime24_standalone` (see --help there).
+# Thin wrapper over `python -m recipe.retool.eval_aime24_standalone` (see --help there). Useful flags:
+#   --samples N --max-turns N --max-tokens N (TOTAL response tokens per sample, all turns) --temperature T
+#   --top-p P --concurrency N --limit N --data FILE.parquet --no-tools --max-error-rate F --allow-resume-mismatch
+# Exit codes: 0 done; 2 bad data, server/sandbox not answering, or mismatched resume; 3 too many errors.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 MODEL OUTPUT_PATH [BASE_URL] [SANDBOX_URL] [API_KEY] [eval flags ...]" >&2
