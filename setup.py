@@ -52,8 +52,11 @@ EXTRAS = {
         "modal>=1.0",
         "ruff",
     ],
-    # GPU training image: the pins of verl 0.9.1's `sglang` extra
+    # GPU training/serving sets, one file each (the Modal image reads the same files; CI resolves them
+    # with scripts/check_gpu_resolves.py): SGLang, the recipe's default rollout engine (sglang 0.5.13,
+    # overriding verl[sglang]'s unresolvable pins: see the file), and vLLM (verl 0.9.1's own `vllm` pins)
     "gpu": _requirements("recipe/retool/requirements-gpu.txt"),
+    "gpu-vllm": _requirements("recipe/retool/requirements-gpu-vllm.txt"),
     # cloud launcher
     "modal": ["modal>=1.0", "python-dotenv"],
 }

@@ -27,6 +27,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "modal" / "default.yaml"
 SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY")
+# image.engine -> the GPU set the image installs (one file per set, also setup.py's extras)
+GPU_REQUIREMENTS = {"sglang": "requirements-gpu.txt", "vllm": "requirements-gpu-vllm.txt"}
 
 # where the volumes are mounted inside the containers
 DATA_DIR = "/vol/data"
@@ -58,7 +60,14 @@ class Experiment:
     smoke: dict[str, Any] = field(default_factory=lambda: {"model": "Qwen/Qwen2.5-0.5B-Instruct", "sft_overrides": [],
                                                            "grpo_overrides": [], "eval_args": []})
     image: dict[str, Any] = field(default_factory=lambda: {
-        "base": "nvidia/cuda:12.8.1-devel-ubuntu22.04", "python": "3.12", "flash_attn_wheel": None})
+        "base": "nvidia/cuda:12.8.1-devel-ubuntu22.04", "python": "3.12", "engine": "sglang", "flash_attn_wheel": None})
+
+    @property
+    def gpu_requirements(self) -> Path:
+        """The GPU set the image installs: the same file as setup.py's `gpu` / `gpu-vllm` extra."""
+        if self.image.get("engine") not in GPU_REQUIREMENTS:
+            raise ConfigError(f"image.engine: expected one of {sorted(GPU_REQUIREMENTS)}, got {self.image.get('engine')!r}")
+        return REPO_ROOT / "recipe" / "retool" / GPU_REQUIREMENTS[self.image["engine"]]
 
     @property
     def sft_name(self) -> str:

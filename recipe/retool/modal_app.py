@@ -48,7 +48,7 @@ SECRETS = [modal.Secret.from_dict(_SECRETS)]
 _image = (
     modal.Image.from_registry(EXP.image["base"], add_python=EXP.image["python"])
     .apt_install("git", "build-essential", "curl")
-    .pip_install_from_requirements(str(REPO / "recipe" / "retool" / "requirements-gpu.txt"))
+    .pip_install_from_requirements(str(EXP.gpu_requirements))  # setup.py's `gpu` / `gpu-vllm` extra
 )
 if EXP.image.get("flash_attn_wheel"):
     _image = _image.pip_install(EXP.image["flash_attn_wheel"])
