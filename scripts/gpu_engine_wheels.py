@@ -6,7 +6,7 @@
 Takes every package of the resolved set except those the GPU image already provides (torch 2.11.0
 +cu130, triton, the CUDA libraries, numpy, …: ``IMAGE_PROVIDES``), downloads their wheels for
 Python 3.12 / manylinux x86_64, unpacks them into one ``site/`` folder (``pip install --target``),
-and writes it as an xz-compressed tar split into parts of at most ``--part-mib`` MiB:
+and writes it as an xz-compressed tar (level 1: fast to make on a small machine) split into parts of at most ``--part-mib`` MiB:
 ``.gpu/<name>-<NN>`` (git-ignored), one part per transfer. On the GPU machine::
 
     cat <parts in order> | xz -d | tar -x -C /tmp/stage      # -> /tmp/stage/site
@@ -52,10 +52,12 @@ IMAGE_PROVIDES = {
     "ml-dtypes", "importlib-metadata",
 }
 KEEP = {"transformers", "tokenizers"}
-# Files of carried wheels that a Hopper run never loads, removed from the staged copy only (the
-# install sets stay whole): FA3 kernels (1 GB; only SGLang's `fa3` attention backend loads them, and
-# verl 0.9.1 picks `flashinfer` for sglang>=0.5.12), Blackwell builds, ROCm codegen, static libraries.
-DROP = ["sgl_kernel/flash_ops.abi3.so", "sgl_kernel/sm100", "tokenspeed_triton/backends/amd", "lib/*.a"]
+# Files of carried wheels that a dense model on Hopper never loads, removed from the staged copy only
+# (the install sets stay whole): FA3 kernels (1 GB; only SGLang's `fa3` attention backend loads them,
+# and verl 0.9.1 picks `flashinfer` for sglang>=0.5.12), Blackwell builds, the DeepSeek-only
+# tilelang/tokenspeed kernels (imported by SGLang's DeepSeek V3.2/V4 and MLA code only), static libraries.
+DROP = ["sgl_kernel/flash_ops.abi3.so", "sgl_kernel/sm100", "tokenspeed_triton", "tokenspeed_mla", "tilelang",
+        "lib/*.a"]
 LEAVE_OUT = {"flashinfer-cubin", "nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-tileiras",
              "retool-verl"}
 
@@ -103,7 +105,7 @@ def main() -> None:
     for old in out.glob(f"{args.name}-[0-9][0-9]"):
         old.unlink()
     tar = subprocess.Popen(["tar", "-C", str(site.parent), "-cf", "-", "site"], stdout=subprocess.PIPE)
-    xz = subprocess.Popen(["xz", "-T2", "-6", "-c"], stdin=tar.stdout, stdout=subprocess.PIPE)
+    xz = subprocess.Popen(["xz", "-T2", "-1", "-c"], stdin=tar.stdout, stdout=subprocess.PIPE)
     tar.stdout.close()
     subprocess.run(["split", "-d", "-b", f"{args.part_mib}m", "-", str(out / f"{args.name}-")], stdin=xz.stdout, check=True)
     if xz.wait() or tar.wait():

@@ -182,19 +182,24 @@ def main() -> None:
     print("prepared:", summary["prepared"], flush=True)
     sandbox = LocalSandbox(workers=4).wait()
     env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox.url, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    failed = []
     try:
-        for phase in phases:
+        for phase in phases:  # a failed phase is recorded and the next one still runs
             before = code_runs(sandbox.url)
             start = time.time()
-            if phase == "eval":
-                result = phase_eval(out, args.engine, sandbox.url, env, args.samples)
-            elif phase == "grpo":
-                result = run_grpo(out, args.engine, args.steps, args.steps, "run1", env)
-            elif phase == "resume":
-                result = run_grpo(out, args.engine, args.steps + 1, args.steps, "resumed", env)
-                result["resumed_steps"] = sorted(result["steps"])
-            else:
-                result = run_grpo(out, "hf_dev", args.steps, args.steps, "run1", env)
+            try:
+                if phase == "eval":
+                    result = phase_eval(out, args.engine, sandbox.url, env, args.samples)
+                elif phase == "grpo":
+                    result = run_grpo(out, args.engine, args.steps, args.steps, "run1", env)
+                elif phase == "resume":
+                    result = run_grpo(out, args.engine, args.steps + 1, args.steps, "resumed", env)
+                    result["resumed_steps"] = sorted(result["steps"])
+                else:
+                    result = run_grpo(out, "hf_dev", args.steps, args.steps, "run1", env)
+            except (SystemExit, Exception) as exc:  # noqa: BLE001 - the message is the record
+                print(f"== {phase} FAILED: {exc}", flush=True)
+                result, _ = {"error": str(exc)[-4000:]}, failed.append(phase)
             result["sandbox_code_runs"] = code_runs(sandbox.url) - before
             result["phase_s"] = round(time.time() - start, 1)
             summary[phase] = result
@@ -202,10 +207,12 @@ def main() -> None:
             print(f"== {phase}: done in {result['phase_s']}s", flush=True)
     finally:
         sandbox.stop()
-    if "grpo" in summary and "hf_dev" in summary:
+    if "steps" in summary.get("grpo", {}) and "steps" in summary.get("hf_dev", {}):
         summary["step_split_last_step"] = {args.engine: split(summary["grpo"]), "hf_dev": split(summary["hf_dev"])}
     summary_path.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("grpo", "resume", "hf_dev")}, indent=2))
+    if failed:
+        sys.exit(f"failed phases: {failed}")
     if "resume" in phases and summary["resume"]["resumed_steps"] != [args.steps + 1]:
         sys.exit(f"expected the resumed run to train step {args.steps + 1} only; got {summary['resume']['resumed_steps']}")
 
