@@ -104,6 +104,7 @@ def phase_eval(out: Path, engine: str, sandbox_url: str, env: dict, samples: int
     exp = launcher.Experiment()
     exp.eval.update(server=engine, port=8000)
     cmd = launcher.serve_command(exp, str(out / "model"), 1)
+    cmd = [sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]]  # this interpreter, not PATH's
     cmd += (["--mem-fraction-static", "0.3", "--dtype", "bfloat16"] if engine == "sglang"
             else ["--gpu-memory-utilization", "0.3", "--dtype", "bfloat16"])
     log = out / f"serve-{engine}.log"
