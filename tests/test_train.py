@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
-from recipe.retool.train import CheckpointError, compose, path_overrides, resolve_model, unknown_keys
+from recipe.retool.train import SEARCHPATH, CheckpointError, compose, path_overrides, resolve_model, unknown_keys
 
 GRPO_CONFIGS = ["retool_grpo_template", "retool_grpo_upstream", "retool_grpo_debug", "retool_grpo_debug_cpu"]
 CONFIGS = ["retool_sft", *GRPO_CONFIGS]
@@ -117,7 +118,7 @@ def test_scripts_dry_run_print_the_full_command(script, module, config, tiny_mod
     resolved, command = proc.stdout.split("# command\n")
     assert f"-m {module}" in command and f"--config-name={config}" in command
     assert "trainer.total_epochs=3" in command and "trainer.experiment_name=exp1" in command
-    assert "hydra.searchpath=[pkg://verl.trainer.config]" in command
+    assert shlex.quote(SEARCHPATH) in command  # verl's config tree and ours, for configs kept elsewhere
     cfg = OmegaConf.create(resolved.split("# resolved config\n", 1)[1])
     assert cfg.trainer.total_epochs == 3 and cfg.trainer.experiment_name == "exp1"
     if script == "train_sft.sh":
@@ -161,3 +162,19 @@ def test_resolve_model(tmp_path, tiny_model_dir):
     _touch(tmp_path / "empty" / "global_step_1" / "notes.txt")
     with pytest.raises(CheckpointError, match="no Hugging Face weights and no FSDP shards"):
         resolve_model(str(tmp_path / "empty"))
+
+
+def test_configs_kept_elsewhere_extend_ours_and_are_checked(tmp_path):
+    """The miniature's configs live in recipe/retool/dev/config and extend retool_sft / the GRPO template."""
+    from recipe.retool.train import split_config_arg
+
+    for name in ("mini_sft", "mini_sft_gpu", "mini_grpo", "mini_grpo_gpu"):
+        cfg_name, cfg_dir = split_config_arg(str(PACKAGE_DIR / "dev" / "config" / f"{name}.yaml"))
+        assert unknown_keys(cfg_name, cfg_dir) == [], name
+        cfg = compose(cfg_name, [], cfg_dir)
+        assert cfg.trainer.device == ("cuda" if name.endswith("_gpu") else "cpu")
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("defaults:\n  - retool_sft\n  - _self_\ndata:\n  max_lenght: 3\n")
+    assert unknown_keys(*split_config_arg(str(bad))) == ["typo.yaml: 'data.max_lenght' is not a key of verl's sft_trainer_engine config"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        split_config_arg(str(tmp_path / "missing.yaml"))

@@ -161,6 +161,20 @@ def _gloo_only_process_groups() -> None:
     for name in ("verl.utils.distributed", "verl.workers.engine_workers", "verl.checkpoint_engine.base"):
         if name in sys.modules:
             sys.modules[name].initialize_global_process_group_ray = initialize_global_process_group_ray
+    # The torchrun SFT trainer (verl.trainer.sft_trainer.run_sft) calls initialize_global_process_group,
+    # which hard-codes the same string; it imports the function at call time, so the module attribute is
+    # what it gets.
+    distributed.initialize_global_process_group = _initialize_gloo_process_group
+
+
+def _initialize_gloo_process_group(timeout_second: int = 36000) -> tuple[int, int, int]:
+    """verl 0.9.1's ``initialize_global_process_group`` with a ``cpu:gloo`` backend (same return value)."""
+    from datetime import timedelta
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="cpu:gloo", timeout=timedelta(seconds=timeout_second),
+                                             init_method=os.environ.get("DIST_INIT_METHOD", None))
+    return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def _unpinned_cpu_offload() -> None:

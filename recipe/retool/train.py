@@ -34,7 +34,9 @@ STAGES = {
 # verl's config tree (ppo_trainer, sft_trainer_engine, …) is found through Hydra's search path. It
 # is passed as an override rather than written in the YAML, because Hydra only honours
 # hydra.searchpath in the primary config and our variants (retool_grpo_upstream) extend others.
-SEARCHPATH = "hydra.searchpath=[pkg://verl.trainer.config]"
+# Our own config directory is on it too, so configs kept elsewhere (the miniature's, in
+# recipe/retool/dev/config) can extend retool_sft / retool_grpo_template by name.
+SEARCHPATH = f"hydra.searchpath=[pkg://verl.trainer.config,file://{CONFIG_DIR}]"
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
 
@@ -57,7 +59,7 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path = 
 # Keys our YAML may add that verl's schema does not declare (everything else must already exist).
 # (ray_kwargs.ray_init goes to ray.init() as keyword arguments and model.override_config to the
 # Hugging Face model config: their schemas are Ray's and transformers', not verl's.)
-EXTENSION_KEYS = ("retool.", "reward.custom_reward_function.reward_kwargs.", "ray_kwargs.ray_init.",
+EXTENSION_KEYS = ("retool.", "reward.custom_reward_function.reward_kwargs.", "ray_kwargs.ray_init.", "model.override_config.",
                   "actor_rollout_ref.model.override_config.")
 BASE_CONFIG = {"sft_trainer_engine", "ppo_trainer"}
 
@@ -81,7 +83,7 @@ def unknown_keys(config_name: str, config_dir: Path = CONFIG_DIR) -> list[str]:
     """
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.load(config_dir / f"{config_name}.yaml")
+    raw = OmegaConf.load(find_config(config_name, config_dir))
     parents = [d for d in raw.get("defaults", []) if isinstance(d, str) and d != "_self_"]
     base = next((d for d in parents if d in BASE_CONFIG), None)
     bad: list[str] = []
@@ -100,6 +102,24 @@ def unknown_keys(config_name: str, config_dir: Path = CONFIG_DIR) -> list[str]:
     return bad
 
 
+def find_config(config_name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """A config by name: in ``config_dir`` first, then in the recipe's own config directory."""
+    for d in dict.fromkeys((Path(config_dir), CONFIG_DIR)):
+        if (d / f"{config_name}.yaml").is_file():
+            return d / f"{config_name}.yaml"
+    raise FileNotFoundError(f"no config '{config_name}.yaml' in {config_dir} or {CONFIG_DIR}")
+
+
+def split_config_arg(config: str) -> tuple[str, Path]:
+    """``--config NAME`` (a config of recipe/retool/config) or ``--config path/to/NAME.yaml``."""
+    if config.endswith((".yaml", ".yml")):
+        path = Path(config).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {config}: no such file")
+        return path.stem, path.parent
+    return config, CONFIG_DIR
+
+
 def _has_path(cfg, path: str) -> bool:
     """Whether a dotted key exists (a mandatory ``???`` value counts as existing)."""
     from omegaconf import DictConfig
@@ -115,7 +135,7 @@ def _has_path(cfg, path: str) -> bool:
 def _base_of(config_name: str, config_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
-    parents = [d for d in OmegaConf.load(config_dir / f"{config_name}.yaml").get("defaults", []) if isinstance(d, str)]
+    parents = [d for d in OmegaConf.load(find_config(config_name, config_dir)).get("defaults", []) if isinstance(d, str)]
     for parent in parents:
         if parent in BASE_CONFIG:
             return parent
@@ -189,9 +209,10 @@ def path_overrides(model: str, data_dir: str, out_dir: str, experiment: str | No
     return ov
 
 
-def build_command(stage: str, config_name: str, overrides: Sequence[str], cfg) -> list[str]:
+def build_command(stage: str, config_name: str, overrides: Sequence[str], cfg,
+                  config_dir: Path = CONFIG_DIR) -> list[str]:
     _, module = STAGES[stage]
-    args = [*module, f"--config-path={CONFIG_DIR}", f"--config-name={config_name}", SEARCHPATH, *overrides]
+    args = [*module, f"--config-path={config_dir}", f"--config-name={config_name}", SEARCHPATH, *overrides]
     if stage == "sft":
         nproc = int(cfg.trainer.n_gpus_per_node)
         nnodes = int(cfg.trainer.nnodes)
@@ -214,6 +235,8 @@ def environment(cfg, stage: str) -> dict[str, str]:
         env["RETOOL_SANDBOX_URL"] = str(cfg.retool.sandbox_url)
         # the driver gets the environment the config gives verl's Ray workers (plugins, platform)
         env.update({k: str(v) for k, v in cfg.ray_kwargs.ray_init.runtime_env.get("env_vars", {}).items()})
+    # environment a config asks for (the miniature's CPU platform, for one), for every process
+    env.update({k: str(v) for k, v in (cfg.retool.get("env") or {}).items()})
     if "swanlab" in list(cfg.trainer.logger) and not env.get("SWANLAB_API_KEY"):
         env.setdefault("SWANLAB_MODE", "local")  # no key: log locally rather than fail
     if "wandb" in list(cfg.trainer.logger) and not env.get("WANDB_API_KEY"):
@@ -229,13 +252,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("data_dir", help="directory holding sft/train.parquet or rl/{train,aime24}.parquet")
     p.add_argument("out_dir", help="checkpoints go to OUT_DIR/{sft,grpo}-experiments/EXP")
     p.add_argument("rest", nargs="*", help="[EXPERIMENT_NAME] then verl key=value overrides")
-    p.add_argument("--config", default=None, help="config name in recipe/retool/config (default per stage)")
+    p.add_argument("--config", default=None,
+                   help="config name in recipe/retool/config, or a path to a YAML file (default per stage)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and command; run nothing")
     args = p.parse_intermixed_args(argv)  # flags may stand anywhere, as the wrappers document
 
     experiment = args.rest[0] if args.rest and "=" not in args.rest[0] else None
     user_overrides = args.rest[1:] if experiment else args.rest
-    config_name = args.config or STAGES[args.stage][0]
+    try:
+        config_name, config_dir = split_config_arg(args.config or STAGES[args.stage][0])
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     model = args.model
     merge = None
     if args.stage == "grpo":
@@ -250,12 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [o for o in overrides if o]
     from omegaconf import OmegaConf
 
-    bad = unknown_keys(config_name)
+    bad = unknown_keys(config_name, config_dir)
     if bad:
         print("error: config keys verl does not know:\n  " + "\n  ".join(bad), file=sys.stderr)
         return 2
-    cfg = compose(config_name, overrides)
-    cmd = build_command(args.stage, config_name, overrides, cfg)
+    cfg = compose(config_name, overrides, config_dir)
+    cmd = build_command(args.stage, config_name, overrides, cfg, config_dir)
     env = environment(cfg, args.stage)
     if args.dry_run:
         print("# resolved config")

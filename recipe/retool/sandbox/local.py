@@ -15,6 +15,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "server") -> None:
+    """Block until ``GET url`` answers 200; fail early if ``proc`` (the server's process) exits.
+
+    The one "wait until a server answers" loop of the project: sandbox, model servers, launchers.
+    """
+    import httpx
+
+    deadline = time.time() + timeout
+    last = "no answer"
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before answering {url} (see its log)")
+        try:
+            resp = httpx.get(url, timeout=2)
+            if resp.status_code == 200:
+                return
+            last = f"HTTP {resp.status_code}"
+        except httpx.TransportError as exc:
+            last = type(exc).__name__
+        time.sleep(0.25)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s (last: {last})")
+
+
 class LocalSandbox:
     """``python -m recipe.retool.sandbox serve`` on 127.0.0.1; ``wait()`` blocks until it answers."""
 
@@ -28,19 +51,12 @@ class LocalSandbox:
         self.proc = subprocess.Popen([*args, *extra_args], env=env, cwd=cwd)
 
     def wait(self, timeout: float = 120) -> LocalSandbox:
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sandbox server exited with code {self.proc.returncode} (see its log above)")
-            try:
-                if httpx.get(self.url + "/v1/ping", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"sandbox server did not answer within {timeout:.0f}s")
+        try:
+            wait_until_healthy(self.url + "/v1/ping", timeout, self.proc, "sandbox server")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def alive(self) -> bool:
         return self.proc.poll() is None
