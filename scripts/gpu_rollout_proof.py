@@ -39,9 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mini_grpo import code_runs, parse_steps, teach_tool_call  # noqa: E402
 
 PHASES = ["eval", "grpo", "resume", "hf_dev"]
-# sizes of the GRPO runs (the same for the engine and hf_dev): 8 prompts x 4 samples per step
+# sizes of the GRPO runs (the same for the engine and hf_dev): 8 prompts x 4 samples per step. The
+# bundled sample keeps 23 RL prompts after the overlong filter, i.e. 2 batches of 8 per epoch: two
+# epochs, so that the resumed run has a step 3 to train (with one epoch it resumes and stops at once).
 SIZES = ["data.train_batch_size=8", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-         "data.max_response_length=256"]
+         "data.max_response_length=256", "trainer.total_epochs=2"]
 SPLIT = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref", "timing_s/update_actor",
          "timing_s/update_weights", "timing_s/save_checkpoint"]
 
@@ -105,7 +107,10 @@ def phase_eval(out: Path, engine: str, sandbox_url: str, env: dict, samples: int
     exp.eval.update(server=engine, port=8000)
     cmd = launcher.serve_command(exp, str(out / "model"), 1)
     cmd = [sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]]  # this interpreter, not PATH's
-    cmd += (["--mem-fraction-static", "0.3", "--dtype", "bfloat16"] if engine == "sglang"
+    # SGLang: the attention backend verl 0.9.1's rollout uses with sglang>=0.5.12 (flashinfer; SGLang's
+    # own default on Hopper is fa3, whose 1 GB kernel library the staged copy leaves out)
+    cmd += (["--mem-fraction-static", "0.3", "--dtype", "bfloat16", "--attention-backend", "flashinfer"]
+            if engine == "sglang"
             else ["--gpu-memory-utilization", "0.3", "--dtype", "bfloat16"])
     log = out / f"serve-{engine}.log"
     print("$", " ".join(cmd), flush=True)
