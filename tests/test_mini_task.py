@@ -62,3 +62,11 @@ def test_asking_for_more_problems_than_exist_is_an_error_not_a_hang():
 
     with pytest.raises(ValueError, match="distinct problems"):
         generate(0, {"test": 10**6})
+
+
+def test_default_sizes_leave_every_kind_in_the_test_split():
+    from recipe.retool.dev.miniature import MiniSettings
+
+    s = MiniSettings()
+    splits = generate(s.seed, {"sft": s.sft_traces, "rl": s.rl_prompts, "test": s.test_problems})
+    assert {p.kind for p in splits["test"]} == set(KINDS)

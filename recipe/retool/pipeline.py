@@ -1,14 +1,22 @@
-"""The whole ReTool pipeline on one machine, on embedded defaults, ending in a report card.
+"""The whole ReTool pipeline on one machine, ending in a report card.
 
-    python -m recipe.retool.pipeline                          # bundled samples, offline, CPU is enough
+    python -m recipe.retool.pipeline                          # the miniature: trains and evaluates, CPU is enough
+    python -m recipe.retool.pipeline --seed 1 --device gpu    # the miniature, another seed, on one GPU
     python -m recipe.retool.pipeline --full --tokenizer Qwen/Qwen2.5-7B-Instruct   # the real datasets
 
-Stages: data → prefilter → sandbox (started locally, smoke-tested) → SFT → GRPO → evaluation.
-SFT and GRPO need GPUs (GRPO also SGLang): without them they are *skipped*, not faked, and the
-report shows the exact command a GPU machine would run. Evaluation needs a model server
-(``--base-url``/``--model``); without one it is skipped likewise. Everything lands under ``--out``
-(default ``outputs/demo``), and ``report.md`` there summarises each stage. Reruns resume: finished
-data files are kept.
+Without ``--full`` this runs **ReTool in miniature** (:mod:`recipe.retool.dev.miniature`): a
+seeded arithmetic task where the interpreter is necessary, a small random-init model, and every
+stage for real — data, prefilter, sandbox, verl's SFT trainer, verl's GRPO loop with our tool and
+reward (and a text-only ablation), and evaluation through ``evaluate_model.sh`` against a served
+checkpoint — ending in a report card that shows whether the recipe learned (default output
+``outputs/mini``; about 15 minutes on two CPU cores).
+
+With ``--full``: data → prefilter → sandbox (started locally, smoke-tested) → SFT → GRPO →
+evaluation at real scale. SFT and GRPO need GPUs (GRPO also SGLang): without them they are
+*skipped*, not faked, and the report shows the exact command a GPU machine would run. Evaluation
+needs a model server (``--base-url``/``--model``); without one it is skipped likewise. Everything
+lands under ``--out`` (default ``outputs/demo``), and ``report.md`` there summarises each stage.
+Reruns resume: finished data files are kept.
 """
 
 from __future__ import annotations
@@ -157,14 +165,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m recipe.retool.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--full", action="store_true", help="the real datasets from the hub instead of the samples")
-    p.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="base model for SFT (and eval's model name)")
-    p.add_argument("--tokenizer", default=None, help="for the prefilter (default: offline dev tokenizer)")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible server to evaluate (optional)")
-    p.add_argument("--eval-samples", type=int, default=4)
+    p.add_argument("--out", default=None, help="output directory (default outputs/mini, or outputs/demo with --full)")
+    p.add_argument("--full", action="store_true", help="the real-scale pipeline on the hub datasets (GPU machine)")
+    mini = p.add_argument_group("miniature (default)")
+    mini.add_argument("--seed", type=int, default=0)
+    mini.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    mini.add_argument("--quick", action="store_true", help="a shortened miniature (fewer steps and problems; for tests)")
+    mini.add_argument("--no-ablation", action="store_true", help="skip the text-only GRPO ablation")
+    full = p.add_argument_group("--full")
+    full.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="base model for SFT (and eval's model name)")
+    full.add_argument("--tokenizer", default=None, help="for the prefilter (default: offline dev tokenizer)")
+    full.add_argument("--base-url", default=None, help="OpenAI-compatible server to evaluate (optional)")
+    full.add_argument("--eval-samples", type=int, default=4)
     args = p.parse_args(argv)
 
+    if not args.full:
+        from recipe.retool.dev.miniature import QUICK, Miniature, MiniSettings
+
+        settings = MiniSettings(seed=args.seed, device=args.device, ablation=not args.no_ablation,
+                                **(QUICK if args.quick else {}))
+        out = Path(args.out or "outputs/mini").resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        return Miniature(out, settings).run()
+
+    args.out = args.out or "outputs/demo"
     started = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

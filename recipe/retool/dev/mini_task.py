@@ -1,9 +1,9 @@
 """A seeded arithmetic task where the code interpreter is necessary: the ReTool miniature's data.
 
-    python -m recipe.retool.dev.mini_task OUT_DIR [--seed 0] [--sft 2000] [--rl 512] [--test 64] [--tool-share 0.5]
+    python -m recipe.retool.dev.mini_task OUT_DIR [--seed 0] [--sft 3200] [--rl 512] [--test 64] [--tool-share 0.5]
 
 Problems have integer answers a small model cannot compute in its head but can with a one-line
-program: products of multi-digit numbers, cubes, modular powers and digit sums of powers. The generator writes them in the *source formats* of the real data, so the
+program: products of multi-digit numbers, squares and cubes, modular powers and digit sums of powers. The generator writes them in the *source formats* of the real data, so the
 recipe's own converters (:mod:`recipe.retool.data`), prefilter and verl's datasets read them
 unchanged:
 
@@ -39,25 +39,28 @@ class Problem:
     answer: int
 
 
+# Each problem states its computation in Python's notation, and the program repeats it: copying a
+# span is what a small model learns first, computing the value is what it cannot do. Answers stay
+# below 1000 (a remainder, a digit sum), so that reading the interpreter's output back is short too.
 def _product(r: random.Random) -> Problem:
     a, b = r.randint(10, 99), r.randint(100, 999)
-    return Problem("product", f"What is {a} times {b}?", f"print({a} * {b})", a * b)
+    return Problem("product", f"Compute {a} * {b} % 997.", f"print({a} * {b} % 997)", a * b % 997)
 
 
 def _power(r: random.Random) -> Problem:
-    a, e = r.randint(11, 199), 3
-    return Problem("power", f"What is {a} to the power of {e}?", f"print({a} ** {e})", a**e)
+    a, e = r.randint(11, 999), r.randint(2, 3)
+    return Problem("power", f"Compute {a} ** {e} % 997.", f"print({a} ** {e} % 997)", a**e % 997)
 
 
 def _modpow(r: random.Random) -> Problem:
     a, e, m = r.randint(2, 99), r.randint(10, 99), r.randint(11, 99)
-    return Problem("modpow", f"Find the remainder when {a} to the power of {e} is divided by {m}.",
+    return Problem("modpow", f"Compute pow({a}, {e}, {m}), the remainder of {a} ** {e} divided by {m}.",
                    f"print(pow({a}, {e}, {m}))", pow(a, e, m))
 
 
 def _digitsum(r: random.Random) -> Problem:
-    a, e = r.randint(11, 99), r.randint(5, 9)
-    return Problem("digitsum", f"What is the sum of the digits of {a} to the power of {e}?",
+    a, e = r.randint(11, 199), r.randint(5, 12)
+    return Problem("digitsum", f"Compute the sum of the digits of {a} ** {e}.",
                    f"print(sum(map(int, str({a} ** {e}))))", sum(int(d) for d in str(a**e)))
 
 
@@ -120,7 +123,7 @@ def aime_row(p: Problem, i: int) -> dict:
     return {"ID": f"mini-test-{i}", "Problem": p.text, "Solution": p.code, "Answer": p.answer}
 
 
-def write_sources(out_dir: str | Path, seed: int = 0, sft: int = 2000, rl: int = 512, test: int = 64,
+def write_sources(out_dir: str | Path, seed: int = 0, sft: int = 3200, rl: int = 512, test: int = 64,
                   tool_share: float = 0.5) -> dict[str, str]:
     """Write the three source files; returns {"sft", "rl", "aime24"} → path (``prepare_all``'s sources)."""
     if not 0.0 <= tool_share <= 1.0:
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft", type=int, default=2000, help="SFT traces")
+    p.add_argument("--sft", type=int, default=3200, help="SFT traces")
     p.add_argument("--rl", type=int, default=512, help="RL prompts")
     p.add_argument("--test", type=int, default=64, help="held-out test problems")
     p.add_argument("--tool-share", type=float, default=0.5, help="share of SFT traces that use the interpreter")

@@ -51,20 +51,22 @@ class MiniSettings:
 
     seed: int = 0
     device: str = "cpu"  # cpu | gpu
-    sft_traces: int = 640
-    rl_prompts: int = 256
+    sft_traces: int = 4800
+    rl_prompts: int = 512
     test_problems: int = 32
     tool_share: float = 0.5
-    sft_epochs: int = 4
+    pretrain_steps: int = 1500
+    sft_epochs: int = 1
     grpo_steps: int = 20
     eval_samples: int = 4
-    hidden: int = 128
-    layers: int = 4
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 2
     ablation: bool = True
 
 
 # A shortened miniature for tests: fewer traces, steps and problems (same configs, same code path).
-QUICK: dict[str, Any] = {"sft_traces": 320, "rl_prompts": 128, "test_problems": 16, "grpo_steps": 8}
+QUICK: dict[str, Any] = {"test_problems": 16, "grpo_steps": 12}
 
 
 @dataclass
@@ -175,6 +177,8 @@ class Miniature:
                 return
             step = int(m.group(1))
             metrics = parse_step_metrics(line)[step]
+            if step % max(1, total // 20) and step != total and not any(k.startswith("val-core") for k in metrics):
+                return  # about twenty progress lines a run
             keys = {"train/loss": "loss", "critic/score/mean": "score", "num_turns/mean": "turns",
                     "timing_s/step": "step_s"}
             shown = " ".join(f"{short} {metrics[k]:.3g}" for k, short in keys.items() if k in metrics)
@@ -204,18 +208,28 @@ class Miniature:
         return Stage("data", "done", detail=f"recipe.retool.data → {self.out / 'data_raw'}")
 
     def stage_model(self) -> Stage:
+        from recipe.retool.data import load_code_tool_schema
         from recipe.retool.dev_tokenizer import build_dev_tokenizer, save_tiny_qwen2
 
+        # the task's text and the tool schema the chat template renders into every prompt
         corpus = [line for path in self.sources.values() for line in Path(path).open()]
-        tok = build_dev_tokenizer(corpus=corpus)
+        tok = build_dev_tokenizer(corpus=[*corpus, json.dumps(load_code_tool_schema())])
         base = self.out / "models" / "base"
-        save_tiny_qwen2(base, tok, hidden=self.s.hidden, layers=self.s.layers, heads=4, kv_heads=2, seed=self.s.seed)
+        save_tiny_qwen2(base, tok, hidden=self.s.hidden, layers=self.s.layers, heads=self.s.heads,
+                        kv_heads=self.s.heads, seed=self.s.seed)
         self.base = base
         from transformers import AutoConfig, AutoModelForCausalLM
 
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).parameters())
         return Stage("model", "done", detail=f"random-init Qwen2 → {base}",
                      figures={"parameters": params, "vocab": len(tok), "hidden": self.s.hidden, "layers": self.s.layers})
+
+    def stage_pretrain(self) -> Stage:
+        from recipe.retool.dev.pretrain_copy import pretrain_copy
+
+        figures = pretrain_copy(self.base, steps=self.s.pretrain_steps, seed=self.s.seed,
+                                device="cuda" if self.s.device == "gpu" else "cpu", log_every=max(1, self.s.pretrain_steps // 10))
+        return Stage("pretrain", "done", detail=f"copy objective, in place → {self.base}", figures=figures)
 
     def stage_prefilter(self) -> Stage:
         from recipe.retool.prefilter_dataset import prefilter
@@ -289,10 +303,10 @@ class Miniature:
             rc = run_logged(cmd, self.out / "logs" / f"eval_{label}.log", {**self.env, "PYTHON": sys.executable})
         finally:
             server.stop()
-        if rc != 0:
-            return Stage(f"eval {label}", "failed", detail=_tail(self.out / "logs" / f"eval_{label}.log"))
+        if rc != 0 or not out.exists():
+            return Stage(f"eval {label}", "failed", detail=f"exit {rc}:\n" + _tail(self.out / "logs" / f"eval_{label}.log"))
         summary = json.loads(out.read_text())
-        figures = {**summary["pass_at_k"], "accuracy": summary.get("accuracy"),
+        figures = {**summary["pass_at_k"], "accuracy": summary["accuracy"], "errors": summary["errors"]["count"],
                    "tool calls / answer": summary["mean_tool_calls"], "turns": summary["mean_turns"]}
         self.results[label] = figures
         return Stage(f"eval {label}", "done", detail=str(out), figures=figures)
@@ -303,7 +317,7 @@ class Miniature:
         started = time.time()
         plan: list[tuple[str, Callable[[], Stage]]] = [
             ("task", self.stage_task), ("data", self.stage_data), ("model", self.stage_model),
-            ("prefilter", self.stage_prefilter), ("sandbox", self.stage_sandbox), ("sft", self.stage_sft),
+            ("pretrain", self.stage_pretrain), ("prefilter", self.stage_prefilter), ("sandbox", self.stage_sandbox), ("sft", self.stage_sft),
             ("grpo", lambda: self.stage_grpo("grpo", "mini-grpo", [])),
         ]
         if self.s.ablation:

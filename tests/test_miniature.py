@@ -1,0 +1,47 @@
+"""ReTool in miniature (the README's main command), shortened: the recipe must *learn*, not only run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipe.retool.dev.miniature import grpo_curve, parse_step_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_lines_and_curve_come_from_verl_log_and_rollout_dumps(tmp_path):
+    log = ("(TaskRunner pid=1) step:1 - critic/score/mean:-0.5 - num_turns/mean:np.float64(3.5) - timing_s/step:9.1\n"
+           "noise\n"
+           "step:2 - critic/score/mean:0.25 - num_turns/mean:4.0 - val-core/aime24/acc/mean@4:np.float64(0.625)\n")
+    metrics = parse_step_metrics(log)
+    assert metrics[1]["critic/score/mean"] == -0.5 and metrics[1]["num_turns/mean"] == 3.5
+    assert metrics[2]["val-core/aime24/acc/mean@4"] == 0.625
+    (tmp_path / "2.jsonl").write_text("".join(json.dumps({"score": s}) + "\n" for s in (1.0, -1.0, -0.9, 1.0)))
+    curve = grpo_curve(metrics, tmp_path)
+    assert [p["step"] for p in curve] == [1, 2] and "acc" not in curve[0] and curve[1]["acc"] == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_quick_miniature_learns_and_tool_rl_beats_text_rl(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.pipeline", "--quick", "--seed", "0", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=2350)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert all(st["status"] == "done" for st in report["stages"]), report["stages"]
+    r = report["results"]
+    base, sft, grpo, text = (r[k]["pass@1"] for k in ("base", "sft", "grpo", "grpo_text_only"))
+    assert base == 0.0  # a random-init model answers nothing
+    assert grpo >= sft + 15.0, r  # RL with the tool improves on SFT …
+    assert grpo >= text + 25.0, r  # … and beats the same RL budget without the tool
+    assert r["grpo"]["tool calls / answer"] > r["sft"]["tool calls / answer"]  # by calling the tool more
+    curve = json.loads((tmp_path / "grpo_curve.json").read_text())
+    assert curve["curve"][-1]["reward"] > curve["curve"][0]["reward"]
+    assert (tmp_path / "grpo_curve.png").stat().st_size > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| grpo |" in md and "grpo_text_only" in md
