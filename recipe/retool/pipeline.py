@@ -3,6 +3,7 @@
     python -m recipe.retool.pipeline                          # the miniature: trains and evaluates, CPU is enough
     python -m recipe.retool.pipeline --seed 1 --device gpu    # the miniature, another seed, on one GPU
     python -m recipe.retool.pipeline --full --tokenizer Qwen/Qwen2.5-7B-Instruct   # the real datasets
+    python -m recipe.retool.pipeline --full --sample          # the real-scale path on the bundled samples
 
 Without ``--full`` this runs **ReTool in miniature** (:mod:`recipe.retool.dev.miniature`): a
 seeded arithmetic task where the interpreter is necessary, a small random-init model, and every
@@ -63,13 +64,13 @@ def gpu_count() -> int:
         return 0
 
 
-def stage_data(out: Path, full: bool) -> tuple[StageResult, dict[str, Path]]:
-    sources = DEFAULT_SOURCES if full else SAMPLE_SOURCES
+def stage_data(out: Path, hub: bool) -> tuple[StageResult, dict[str, Path]]:
+    sources = DEFAULT_SOURCES if hub else SAMPLE_SOURCES
     outputs = prepare_all(out / "data_raw", sources)
     import pandas as pd
 
     figures = {name: len(pd.read_parquet(path)) for name, path in outputs.items()}
-    return StageResult("data", "done", f"{'hub datasets' if full else 'bundled samples'} → {out / 'data_raw'}",
+    return StageResult("data", "done", f"{'hub datasets' if hub else 'bundled samples'} → {out / 'data_raw'}",
                        figures), outputs
 
 
@@ -173,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mini.add_argument("--quick", action="store_true", help="a shortened miniature (fewer steps and problems; for tests)")
     mini.add_argument("--no-ablation", action="store_true", help="skip the text-only GRPO ablation")
     full = p.add_argument_group("--full")
+    full.add_argument("--sample", action="store_true",
+                      help="the bundled samples instead of the hub datasets (an offline check of the real-scale path)")
     full.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="base model for SFT (and eval's model name)")
     full.add_argument("--tokenizer", default=None, help="for the prefilter (default: offline dev tokenizer)")
     full.add_argument("--base-url", default=None, help="OpenAI-compatible server to evaluate (optional)")
@@ -198,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(r)
         print(f"[{r.name}] {r.status}: {r.detail.splitlines()[0] if r.detail else ''}", flush=True)
 
-    res, raw = stage_data(out, args.full)
+    res, raw = stage_data(out, hub=not args.sample)
     show(res)
     tokenizer = args.tokenizer
     if tokenizer is None:

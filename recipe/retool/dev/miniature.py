@@ -43,6 +43,7 @@ from recipe.retool import PACKAGE_DIR
 
 DEV_CONFIG_DIR = PACKAGE_DIR / "dev" / "config"
 STEP_LINE = re.compile(r"\bstep:(\d+) - (.*)$")
+_NUMBER = re.compile(r"(?:np\.float\d*\()?(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan)")
 
 
 @dataclass
@@ -92,10 +93,9 @@ def parse_step_metrics(log_text: str) -> dict[int, dict[str, float]]:
         metrics = steps.setdefault(int(m.group(1)), {})
         for part in m.group(2).split(" - "):
             key, _, value = part.partition(":")
-            try:
-                metrics[key.strip()] = float(value.strip().split()[0].rstrip(","))
-            except (ValueError, IndexError):
-                continue
+            num = _NUMBER.match(value.strip())  # 0.5, -1e-3, np.float64(0.5)
+            if num:
+                metrics[key.strip()] = float(num.group(1))
     return steps
 
 
