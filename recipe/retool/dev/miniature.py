@@ -54,20 +54,20 @@ class MiniSettings:
     device: str = "cpu"  # cpu | gpu
     sft_traces: int = 4800
     rl_prompts: int = 512
-    test_problems: int = 32
+    test_problems: int = 64
     tool_share: float = 0.5
     pretrain_steps: int = 1500
     sft_epochs: int = 1
     grpo_steps: int = 20
-    eval_samples: int = 4
+    eval_samples: int = 8
     hidden: int = 256
     layers: int = 2
     heads: int = 2
     ablation: bool = True
 
 
-# A shortened miniature for tests: fewer traces, steps and problems (same configs, same code path).
-QUICK: dict[str, Any] = {"test_problems": 16, "grpo_steps": 12}
+# A shortened miniature for tests: a smaller held-out evaluation (same training, configs and code path).
+QUICK: dict[str, Any] = {"test_problems": 32, "eval_samples": 4}
 
 
 @dataclass
