@@ -66,7 +66,7 @@ setup(
     version="0.1.0",
     description="ReTool: tool-integrated RL for math reasoning, on verl",
     packages=find_packages(include=["recipe", "recipe.*"]),
-    package_data={"recipe.retool": ["config/*.yaml", "config/*/*.yaml", "sample_data/*.jsonl", "*.sh", "*.txt"]},
+    package_data={"recipe.retool": ["config/*.yaml", "config/*/*.yaml", "dev/config/*.yaml", "sample_data/*.jsonl", "*.sh", "*.txt"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

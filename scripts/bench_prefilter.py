@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from recipe.retool.data import code_tool_name, rl_row, write_parquet
-from recipe.retool.dev_tokenizer import save_dev_tokenizer
+from recipe.retool.dev.tokenizer import save_dev_tokenizer
 from recipe.retool.prefilter_dataset import prefilter
 
 

@@ -10,8 +10,8 @@
 2. ``eval``: serves the model with the engine's OpenAI-compatible server, started with the
    launcher's own serve command (tool-call parser on) and runs ``recipe/retool/evaluate_model.sh``
    against it and our sandbox: pass@k, tool calls (server-parsed vs our hermes fallback);
-3. ``grpo``: ``python -m recipe.retool.train grpo … --config retool_grpo_debug`` (our GRPO
-   template, overridden in sizes, GPU count and model) with ``actor_rollout_ref.rollout.name=ENGINE``
+3. ``grpo``: ``python -m recipe.retool.train grpo … --config recipe/retool/dev/config/retool_grpo_debug.yaml``
+   (our GRPO template, overridden in sizes, GPU count and model) with ``actor_rollout_ref.rollout.name=ENGINE``
    for ``--steps`` steps, saving a checkpoint after the last;
 4. ``resume``: the same command with one more step: verl resumes from that checkpoint;
 5. ``hf_dev``: the same model, batch and steps with the transformers ``hf_dev`` rollout, for a
@@ -51,7 +51,7 @@ SPLIT = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref
 def prepare(out: Path, teach_steps: int) -> dict:
     """Model (taught) and data, once per OUT."""
     from recipe.retool.data import SAMPLE_SOURCES, prepare_all
-    from recipe.retool.dev_tokenizer import build_dev_tokenizer, save_tiny_qwen2
+    from recipe.retool.dev.tokenizer import build_dev_tokenizer, save_tiny_qwen2
 
     model, data = out / "model", out / "data"
     if (out / "prepared.json").exists():
@@ -141,9 +141,12 @@ def phase_eval(out: Path, engine: str, sandbox_url: str, env: dict, samples: int
 
 
 def run_grpo(out: Path, engine: str, steps: int, save: int, tag: str, env: dict) -> dict:
+    from recipe.retool import PACKAGE_DIR
+
     ckpt = out / f"ckpt-{engine}"
+    config = PACKAGE_DIR / "dev" / "config" / "retool_grpo_debug.yaml"
     cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(out / "model"), str(out / "data"), str(ckpt),
-           f"proof-{engine}", "--config", "retool_grpo_debug", f"actor_rollout_ref.rollout.name={engine}", *SIZES,
+           f"proof-{engine}", "--config", str(config), f"actor_rollout_ref.rollout.name={engine}", *SIZES,
            f"trainer.total_training_steps={steps}", f"trainer.save_freq={save}"]
     log = out / f"grpo-{engine}-{tag}.log"
     print("$", " ".join(cmd), flush=True)

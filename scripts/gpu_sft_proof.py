@@ -59,7 +59,7 @@ def build_model(out: Path, shape: str) -> tuple[Path, int, tuple]:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from recipe.retool.dev_tokenizer import build_dev_tokenizer
+    from recipe.retool.dev.tokenizer import build_dev_tokenizer
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     tok = build_dev_tokenizer()

@@ -7,7 +7,8 @@
    ``code_interpreter`` call, so that rollouts exercise the tool path (a random model never emits
    one); ``--no-teach`` skips that;
 2. prepares the bundled sample data with the real data stage and starts our sandbox server;
-3. runs ``python -m recipe.retool.train grpo … --config retool_grpo_debug[_cpu]`` (rollouts by the
+3. runs ``python -m recipe.retool.train grpo … --config recipe/retool/dev/config/retool_grpo_debug[_cpu].yaml``
+   (rollouts by the
    transformers ``hf_dev`` backend) for ``--steps`` steps, saving a checkpoint at the end;
 4. runs it again with one more step: verl resumes from that checkpoint and trains the next step;
 5. prints a JSON summary (also OUT/summary.json): per-step time and where it goes (generation vs
@@ -122,8 +123,9 @@ def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int,
 
 
 def main() -> None:
+    from recipe.retool import PACKAGE_DIR
     from recipe.retool.data import SAMPLE_SOURCES, prepare_all
-    from recipe.retool.dev_tokenizer import build_dev_tokenizer, save_tiny_qwen2
+    from recipe.retool.dev.tokenizer import build_dev_tokenizer, save_tiny_qwen2
     from recipe.retool.sandbox.local import LocalSandbox
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,7 +144,8 @@ def main() -> None:
     if not args.no_teach:
         summary["teach"] = teach_tool_call(model, data["rl"], args.teach_steps, "cuda" if args.device == "gpu" else "cpu")
         print("taught:", summary["teach"], flush=True)
-    config = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
+    config_name = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
+    config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
     sandbox = LocalSandbox(workers=2).wait()
     try:
         env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox.url, "PYTHONUNBUFFERED": "1"}
@@ -159,7 +162,7 @@ def main() -> None:
     first, second = parse_steps(log1), parse_steps(log2)
     ckpt_dirs = sorted(p.name for p in (ckpt / "grpo-experiments" / "mini").glob("global_step_*"))
     summary.update({
-        "config": config,
+        "config": config_name,
         "run1": {"wall_s": round(wall1, 1), "steps": first, "rollout_server": rollout_costs(log1),
                  "sandbox_code_runs": runs_mid - runs_before},
         "run2_resumed": {"wall_s": round(wall2, 1), "steps": second, "rollout_server": rollout_costs(log2),

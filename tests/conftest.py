@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "tests"))  # helpers module beside the tests (not 
 
 @pytest.fixture(scope="session")
 def dev_tokenizer_dir(tmp_path_factory) -> Path:
-    from recipe.retool.dev_tokenizer import save_dev_tokenizer
+    from recipe.retool.dev.tokenizer import save_dev_tokenizer
 
     return save_dev_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
@@ -59,6 +59,6 @@ def sandbox_server():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, dev_tokenizer) -> Path:
     """A random-init Qwen2-architecture model (2 layers, hidden 64) with the dev tokenizer."""
-    from recipe.retool.dev_tokenizer import save_tiny_qwen2
+    from recipe.retool.dev.tokenizer import save_tiny_qwen2
 
     return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), dev_tokenizer)

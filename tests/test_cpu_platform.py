@@ -1,4 +1,4 @@
-"""The CPU platform plugin for verl (recipe/retool/cpu_platform.py) and its two verl 0.9.1 workarounds,
+"""The CPU platform plugin for verl (recipe/retool/dev/cpu_platform.py) and its two verl 0.9.1 workarounds,
 in a fresh interpreter configured as verl's Ray workers are (VERL_PLATFORM + VERL_USE_EXTERNAL_MODULES)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _run(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_verl_runs_its_process_group_and_fsdp_offload_on_the_cpu_platform():
-    proc = _run({"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "recipe.retool.cpu_platform"})
+    proc = _run({"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "recipe.retool.dev.cpu_platform"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"device": "cpu", "device_id": "cpu", "backend": "gloo", "pg_backend": "cpu:gloo", "sum": [1.0] * 3,
@@ -46,7 +46,7 @@ def test_importing_the_plugin_changes_nothing_unless_the_platform_is_chosen():
     probe = ("import json, verl; from verl.utils.device import get_device_name; from verl.utils import fsdp_utils; "
              "print(json.dumps([get_device_name(), fsdp_utils.CPUOffloadPolicy().pin_memory]))")
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
-    env["VERL_USE_EXTERNAL_MODULES"] = "recipe.retool.cpu_platform"
+    env["VERL_USE_EXTERNAL_MODULES"] = "recipe.retool.dev.cpu_platform"
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["cuda", True]  # verl's own defaults

@@ -6,20 +6,36 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
-from recipe.retool.train import SEARCHPATH, CheckpointError, compose, path_overrides, resolve_model, unknown_keys
+from recipe.retool.train import (
+    SEARCHPATH,
+    CheckpointError,
+    compose,
+    path_overrides,
+    resolve_model,
+    split_config_arg,
+    unknown_keys,
+)
 
-GRPO_CONFIGS = ["retool_grpo_template", "retool_grpo_upstream", "retool_grpo_debug", "retool_grpo_debug_cpu"]
+DEV_CONFIG_DIR = PACKAGE_DIR / "dev" / "config"
+# by name (recipe/retool/config) or by path (the debug configs, kept with the development scaffolding)
+GRPO_CONFIGS = ["retool_grpo_template", "retool_grpo_upstream", str(DEV_CONFIG_DIR / "retool_grpo_debug.yaml"),
+                str(DEV_CONFIG_DIR / "retool_grpo_debug_cpu.yaml")]
 CONFIGS = ["retool_sft", *GRPO_CONFIGS]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+def config_id(name: str) -> str:
+    return Path(name).stem
+
+
+@pytest.mark.parametrize("name", CONFIGS, ids=config_id)
 def test_shipped_configs_only_set_keys_verl_knows(name):
-    assert unknown_keys(name) == []
+    assert unknown_keys(*split_config_arg(name)) == []
 
 
 def test_a_misspelt_key_is_caught(tmp_path):
@@ -33,11 +49,12 @@ def test_a_misspelt_key_is_caught(tmp_path):
 
 def grpo_cfg(tiny_model_dir, sample_data, name="retool_grpo_template", extra=()):
     data_dir = sample_data["rl"].parent.parent
-    return compose(name, [*path_overrides(str(tiny_model_dir), str(data_dir), "/tmp/out", "t"),
-                          f"retool.recipe_dir={PACKAGE_DIR}", *extra])
+    config_name, config_dir = split_config_arg(name)
+    return compose(config_name, [*path_overrides(str(tiny_model_dir), str(data_dir), "/tmp/out", "t"),
+                                 f"retool.recipe_dir={PACKAGE_DIR}", *extra], config_dir)
 
 
-@pytest.mark.parametrize("name", GRPO_CONFIGS)
+@pytest.mark.parametrize("name", GRPO_CONFIGS, ids=config_id)
 def test_ray_worker_environment_is_literal(tiny_model_dir, sample_data, name):
     """verl 0.9.1 merges ray_kwargs.ray_init.runtime_env outside the config tree: an interpolation
     there reaches Ray as literal "${...}" text (and an oc.env reading it back recurses)."""
@@ -45,7 +62,7 @@ def test_ray_worker_environment_is_literal(tiny_model_dir, sample_data, name):
     assert not [k for k, v in env.get("env_vars", {}).items() if "${" in str(v)]
 
 
-@pytest.mark.parametrize("name", GRPO_CONFIGS)
+@pytest.mark.parametrize("name", GRPO_CONFIGS, ids=config_id)
 def test_grpo_config_passes_verls_own_validation(tiny_model_dir, sample_data, name):
     from verl.trainer.config import AlgoConfig
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
@@ -58,7 +75,7 @@ def test_grpo_config_passes_verls_own_validation(tiny_model_dir, sample_data, na
     algo = omega_conf_to_dataclass(cfg.algorithm)
     assert isinstance(algo, AlgoConfig) and algo.adv_estimator == "grpo"
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
-    assert rollout.name == ("hf_dev" if "debug" in name else "sglang") and rollout.multi_turn.enable and rollout.multi_turn.format == "hermes"
+    assert rollout.name == ("hf_dev" if "debug" in config_id(name) else "sglang") and rollout.multi_turn.enable and rollout.multi_turn.format == "hermes"
     assert rollout.agent.default_agent_loop == "tool_agent"
     model = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
     assert model.path == str(tiny_model_dir) and model.enable_gradient_checkpointing
@@ -166,10 +183,8 @@ def test_resolve_model(tmp_path, tiny_model_dir):
 
 def test_configs_kept_elsewhere_extend_ours_and_are_checked(tmp_path):
     """The miniature's configs live in recipe/retool/dev/config and extend retool_sft / the GRPO template."""
-    from recipe.retool.train import split_config_arg
-
     for name in ("mini_sft", "mini_sft_gpu", "mini_grpo", "mini_grpo_gpu"):
-        cfg_name, cfg_dir = split_config_arg(str(PACKAGE_DIR / "dev" / "config" / f"{name}.yaml"))
+        cfg_name, cfg_dir = split_config_arg(str(DEV_CONFIG_DIR / f"{name}.yaml"))
         assert unknown_keys(cfg_name, cfg_dir) == [], name
         cfg = compose(cfg_name, [], cfg_dir)
         assert cfg.trainer.device == ("cuda" if name.endswith("_gpu") else "cpu")

@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show(res)
     tokenizer = args.tokenizer
     if tokenizer is None:
-        from recipe.retool.dev_tokenizer import save_dev_tokenizer
+        from recipe.retool.dev.tokenizer import save_dev_tokenizer
 
         tokenizer = str(save_dev_tokenizer(out / "dev_tokenizer"))
     show(stage_prefilter(out, raw, tokenizer))

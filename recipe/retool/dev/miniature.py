@@ -209,7 +209,7 @@ class Miniature:
 
     def stage_model(self) -> Stage:
         from recipe.retool.data import load_code_tool_schema
-        from recipe.retool.dev_tokenizer import build_dev_tokenizer, save_tiny_qwen2
+        from recipe.retool.dev.tokenizer import build_dev_tokenizer, save_tiny_qwen2
 
         # the task's text and the tool schema the chat template renders into every prompt
         corpus = [line for path in self.sources.values() for line in Path(path).open()]

@@ -5,7 +5,7 @@
 Production evaluation talks to vLLM or SGLang. On a machine without them, the miniature's
 checkpoints still have to be served over real HTTP so that ``evaluate_model.sh`` runs unchanged:
 this process does that with the same batched generator the GRPO rollouts use
-(:class:`recipe.retool.dev_rollout.HFDevServer`), so concurrent requests decode together.
+(:class:`recipe.retool.dev.hf_rollout.HFDevServer`), so concurrent requests decode together.
 (``transformers serve`` works too, and ``--server transformers`` in the pipeline uses it; on two
 CPU cores it is several times slower on this model size.)
 
@@ -60,7 +60,7 @@ def create_app(model_path: str, *, device: str = "cpu", max_model_len: int = 409
     from fastapi import FastAPI, HTTPException
     from transformers import AutoTokenizer
 
-    from recipe.retool.dev_rollout import HFDevServer
+    from recipe.retool.dev.hf_rollout import HFDevServer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine = HFDevServer(model_path, prompt_length=max_model_len, response_length=max_model_len,

@@ -6,7 +6,7 @@ bundled sample data in well under a second, speaks the same ChatML + ``<tool_cal
 Qwen2.5, and renders each message independently so verl's ``MultiTurnSFTDataset`` (which
 tokenizes turn by turn) gets the same ids as a whole-conversation render.
 
-CLI: ``python -m recipe.retool.dev_tokenizer OUT_DIR`` writes a ``save_pretrained`` directory.
+CLI: ``python -m recipe.retool.dev.tokenizer OUT_DIR`` writes a ``save_pretrained`` directory.
 """
 
 from __future__ import annotations

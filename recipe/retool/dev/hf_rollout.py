@@ -18,8 +18,8 @@ It has no paged KV cache, no continuous batching and no tensor parallelism: one 
 replica, a full copy of the weights, CPU tensors through Ray's object store on every sync.
 
 Plugging in (verl's hooks only): importing this module registers the backend. Put
-``VERL_USE_EXTERNAL_MODULES=recipe.retool.dev_rollout`` in the environment of every verl process
-(``ray_kwargs.ray_init.runtime_env.env_vars``; ``recipe/retool/config/retool_grpo_debug.yaml`` does) and set
+``VERL_USE_EXTERNAL_MODULES=recipe.retool.dev.hf_rollout`` in the environment of every verl process
+(``ray_kwargs.ray_init.runtime_env.env_vars``; ``recipe/retool/dev/config/retool_grpo_debug.yaml`` does) and set
 ``actor_rollout_ref.rollout.name=hf_dev``.
 """
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipe.retool import dev_rollout
-from recipe.retool.dev_rollout import DevGenerator, HFDevServer, Sampling, sample_next
+from recipe.retool.dev import hf_rollout
+from recipe.retool.dev.hf_rollout import DevGenerator, HFDevServer, Sampling, sample_next
 
 GREEDY = Sampling(temperature=0.0, logprobs=True)
 
@@ -137,5 +137,5 @@ def test_backend_is_registered_with_verl():
     from verl.workers.rollout.base import get_rollout_class
     from verl.workers.rollout.replica import get_rollout_replica_class
 
-    assert get_rollout_replica_class(dev_rollout.BACKEND) is dev_rollout.HFDevReplica
-    assert get_rollout_class(dev_rollout.BACKEND, "async") is dev_rollout.HFDevServerAdapter
+    assert get_rollout_replica_class(hf_rollout.BACKEND) is hf_rollout.HFDevReplica
+    assert get_rollout_class(hf_rollout.BACKEND, "async") is hf_rollout.HFDevServerAdapter

@@ -1,9 +1,9 @@
 """A CPU "accelerator" for verl's platform registry, so its trainers run on a machine with no GPU.
 
-For development and CI only (with the ``hf_dev`` rollout backend, ``recipe.retool.dev_rollout``):
-the miniature GRPO loop of ``config/retool_grpo_debug.yaml`` runs verl's real ``main_ppo`` with a
+For development and CI only (with the ``hf_dev`` rollout backend, ``recipe.retool.dev.hf_rollout``):
+the miniature GRPO loop of ``dev/config/retool_grpo_debug_cpu.yaml`` runs verl's real ``main_ppo`` with a
 tiny model on CPU. Selected by ``VERL_PLATFORM=cpu`` with this module imported in every verl
-process (``VERL_USE_EXTERNAL_MODULES=recipe.retool.cpu_platform``); nothing changes otherwise.
+process (``VERL_USE_EXTERNAL_MODULES=recipe.retool.dev.cpu_platform``); nothing changes otherwise.
 
 What it maps: device ``cpu``, collectives over ``gloo``, Ray's ``GPU`` resource kept as a logical
 slot per trainer rank (verl counts GPUs in the cluster before it starts; declare them with

@@ -1,6 +1,6 @@
 """Decode speed of the ``hf_dev`` rollout engine against transformers' own ``generate``, side by side.
 
-    python scripts/bench_dev_rollout.py [--device cpu|cuda] [--batch 1 8] [--new-tokens 64] [--hidden 64 --layers 2]
+    python scripts/bench_hf_rollout.py [--device cpu|cuda] [--batch 1 8] [--new-tokens 64] [--hidden 64 --layers 2]
 
 Same random-init Qwen2 model, same prompts, greedy decoding with no early stop, each measured after
 a warm-up; prints tokens/s for both and their ratio per batch size.
@@ -16,8 +16,8 @@ import time
 def main() -> None:
     import torch
 
-    from recipe.retool.dev_rollout import DevGenerator, Sampling
-    from recipe.retool.dev_tokenizer import build_dev_tokenizer, save_tiny_qwen2
+    from recipe.retool.dev.hf_rollout import DevGenerator, Sampling
+    from recipe.retool.dev.tokenizer import build_dev_tokenizer, save_tiny_qwen2
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +76,7 @@ def main() -> None:
 def _ray_server(model_dir: str, args):
     import ray
 
-    from recipe.retool.dev_rollout import HFDevServer
+    from recipe.retool.dev.hf_rollout import HFDevServer
 
     ray.init(num_cpus=4, include_dashboard=False)
     device = "cuda" if args.device.startswith("cuda") else "cpu"
