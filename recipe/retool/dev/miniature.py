@@ -139,11 +139,9 @@ class ModelServer:
         return self
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        from recipe.retool.sandbox.local import stop_process
+
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -38,6 +38,16 @@ def wait_until_healthy(url: str, timeout: float, proc: subprocess.Popen | None =
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s (last: {last})")
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: how every local server of the project is stopped."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class LocalSandbox:
     """``python -m recipe.retool.sandbox serve`` on 127.0.0.1; ``wait()`` blocks until it answers."""
 
@@ -62,8 +72,4 @@ class LocalSandbox:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
