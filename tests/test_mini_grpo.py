@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_mini_grpo_trains_checkpoints_and_resumes_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/mini_grpo.py", "--out", str(tmp_path), "--device", "cpu",
