@@ -286,11 +286,11 @@ class Miniature:
         resolved = resolve_model(str(model_root))
         if resolved.merge_from is not None and not Path(resolved.path, "config.json").exists():
             subprocess.run(resolved.merge_command(), check=True, capture_output=True, env=self.env)
-        val = self.composed("grpo").actor_rollout_ref.rollout.val_kwargs
+        grpo_cfg = self.composed("grpo")  # evaluate as GRPO validates: its sampling, budget and turns
+        val = grpo_cfg.actor_rollout_ref.rollout.val_kwargs
         out = self.out / "eval" / label / "test.json"
         if out.exists():  # a rerun evaluates afresh (the model may have changed)
             shutil.rmtree(out.parent)
-        grpo_cfg = self.composed("grpo")
         server = ModelServer(resolved.path, self.s.device, self.out / "logs" / f"serve_{label}.log").wait()
         try:
             cmd = ["bash", str(PACKAGE_DIR / "evaluate_model.sh"), resolved.path, str(out), server.url, self.sandbox.url,
