@@ -20,8 +20,8 @@ of an hour, and it shows the recipe *learning*, not only running:
 
 Everything lands under ``--out``; ``report.md`` is the report card (pass@1, pass@k, tool calls per
 answer and turns per model; the GRPO reward/accuracy curve, ``grpo_curve.png``; time per stage;
-training-time validation accuracy beside the harness's). Finished stages are kept: a rerun with the
-same settings resumes after the last finished stage (``--restart`` starts over).
+training-time validation accuracy beside the harness's; ``report.json`` records the settings). A
+rerun starts over: nothing of an earlier run in ``--out`` is reused (resuming stages is not built).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _NUMBER = re.compile(r"(?:np\.float\d*\()?(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)
 
 @dataclass
 class MiniSettings:
-    """What identifies a miniature run (recorded in OUT/settings.json and checked on resume)."""
+    """What identifies a miniature run (recorded in OUT/report.json)."""
 
     seed: int = 0
     device: str = "cpu"  # cpu | gpu
