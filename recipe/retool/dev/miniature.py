@@ -193,6 +193,8 @@ class Miniature:
         from recipe.retool.dev.mini_task import write_sources
 
         s = self.s
+        for stale in ("ckpt", "rollouts", "eval"):  # an earlier run's checkpoints would be resumed by verl
+            shutil.rmtree(self.out / stale, ignore_errors=True)
         paths = write_sources(self.out / "task", s.seed, s.sft_traces, s.rl_prompts, s.test_problems, s.tool_share)
         self.sources = paths
         return Stage("task", "done", detail=f"seed {s.seed} → {self.out / 'task'}",
