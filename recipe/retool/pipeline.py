@@ -1,7 +1,7 @@
 """The whole ReTool pipeline on one machine, ending in a report card.
 
     python -m recipe.retool.pipeline                          # the miniature: trains and evaluates, CPU is enough
-    python -m recipe.retool.pipeline --seed 1 --device gpu    # the miniature, another seed, on one GPU
+    python -m recipe.retool.pipeline --seed 1 --device gpu    # the miniature, another seed, on one GPU (untried)
     python -m recipe.retool.pipeline --full --tokenizer Qwen/Qwen2.5-7B-Instruct   # the real datasets
     python -m recipe.retool.pipeline --full --sample          # the real-scale path on the bundled samples
 
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mini = p.add_argument_group("miniature (default)")
     mini.add_argument("--seed", type=int, default=0)
     mini.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    mini.add_argument("--quick", action="store_true", help="a shortened miniature (fewer steps and problems; for tests)")
+    mini.add_argument("--quick", action="store_true", help="a shortened miniature: same training, a smaller held-out evaluation (32 x 4; for tests)")
     mini.add_argument("--no-ablation", action="store_true", help="skip the text-only GRPO ablation")
     full = p.add_argument_group("--full")
     full.add_argument("--sample", action="store_true",
