@@ -15,7 +15,7 @@ def test_pipeline_runs_every_cpu_stage_and_writes_a_report(tmp_path, monkeypatch
     stages = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())}
     assert [stages[s]["status"] for s in ("data", "prefilter", "sandbox", "sft", "grpo", "eval")] == [
         "done", "done", "done", "skipped", "skipped", "skipped"]
-    assert "torchrun" in stages["sft"]["detail"] and "verl.trainer.main_ppo" in stages["grpo"]["detail"]
+    assert "torch.distributed.run" in stages["sft"]["detail"] and "verl.trainer.main_ppo" in stages["grpo"]["detail"]
     assert "needs a CUDA GPU" in stages["sft"]["detail"]
     for name in ("sft/train.parquet", "rl/train.parquet", "rl/aime24.parquet"):
         assert len(pd.read_parquet(tmp_path / "data" / name)) > 0

@@ -139,7 +139,8 @@ def test_scripts_dry_run_print_the_full_command(script, module, config, tiny_mod
     cfg = OmegaConf.create(resolved.split("# resolved config\n", 1)[1])
     assert cfg.trainer.total_epochs == 3 and cfg.trainer.experiment_name == "exp1"
     if script == "train_sft.sh":
-        assert command.startswith("torchrun --nnodes=1 --nproc_per_node=8 --standalone")
+        # torchrun through the same interpreter, so PATH (here without any venv) does not matter
+        assert command.startswith(f"{shlex.quote(sys.executable)} -m torch.distributed.run --nnodes=1 --nproc_per_node=8 --standalone")
 
 
 def test_dry_run_rejects_unknown_override_and_missing_args(tiny_model_dir, tmp_path):

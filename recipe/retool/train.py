@@ -216,7 +216,9 @@ def build_command(stage: str, config_name: str, overrides: Sequence[str], cfg,
     if stage == "sft":
         nproc = int(cfg.trainer.n_gpus_per_node)
         nnodes = int(cfg.trainer.nnodes)
-        launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
+        # torchrun through this interpreter: a venv's python run without activating the venv has no
+        # `torchrun` on PATH (or a different environment's)
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
         if nnodes == 1:
             launcher.append("--standalone")
         else:  # multi-node: the cluster launcher sets NODE_RANK / MASTER_ADDR / MASTER_PORT per node
