@@ -1,0 +1,98 @@
+"""recipe/retool/packed_attention.py: attention within each packed sequence, as SDPA over each alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recipe.retool import packed_attention
+from recipe.retool.packed_attention import NAME, packed_attention_forward, sequence_boundaries
+
+LENGTHS = [5, 9, 1, 7]
+
+
+def test_boundaries_come_from_position_resets_and_jumps():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 7, 8]])
+    cu, longest = sequence_boundaries(pos)
+    assert cu.tolist() == [0, 3, 5, 9, 11] and cu.dtype == torch.int32 and longest == 4
+    cu, longest = sequence_boundaries(torch.arange(6)[None])
+    assert cu.tolist() == [0, 6] and longest == 6
+
+
+def _model(tiny_model_dir, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=attn,
+                                                dtype=torch.float32).eval()
+
+
+def _packed_inputs(vocab: int):
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, vocab, (n,), generator=g) for n in LENGTHS]
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    return seqs, ids, pos
+
+
+def test_packed_model_matches_each_sequence_alone_in_logits_and_gradients(tiny_model_dir):
+    ref = _model(tiny_model_dir, "sdpa")
+    packed = _model(tiny_model_dir, NAME)
+    seqs, ids, pos = _packed_inputs(ref.config.vocab_size)
+
+    out = packed(input_ids=ids, position_ids=pos).logits[0]
+    alone = torch.cat([ref(input_ids=s[None]).logits[0] for s in seqs])
+    torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-5)
+
+    out.logsumexp(-1).sum().backward()
+    alone.logsumexp(-1).sum().backward()
+    for (name, p), q in zip(packed.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_wrong_boundaries_would_show(tiny_model_dir, monkeypatch):
+    """The comparison above can fail: attending across sequences (one long sequence) changes the logits."""
+    ref = _model(tiny_model_dir, "sdpa")
+    packed = _model(tiny_model_dir, NAME)
+    seqs, ids, pos = _packed_inputs(ref.config.vocab_size)
+    monkeypatch.setattr(packed_attention, "_boundaries_cached", lambda p: sequence_boundaries(torch.arange(p.numel())))
+    out = packed(input_ids=ids, position_ids=pos).logits[0]
+    alone = torch.cat([ref(input_ids=s[None]).logits[0] for s in seqs])
+    assert not torch.allclose(out, alone, rtol=1e-3, atol=1e-3)
+
+
+def test_batches_without_packing_are_causal_per_row(tiny_model_dir):
+    ref = _model(tiny_model_dir, "sdpa")
+    packed = _model(tiny_model_dir, NAME)
+    ids = torch.randint(3, ref.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(packed(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_inputs_fail_with_a_reason():
+    q = torch.zeros(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="unpadded input"):
+        packed_attention_forward(None, q, q, q, torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout"):
+        packed_attention_forward(None, q, q, q, None, dropout=0.1)
+    with pytest.raises(ValueError, match="sliding windows"):
+        packed_attention_forward(None, q, q, q, None, sliding_window=4)
+
+
+def test_ulysses_sequence_parallelism_is_refused(monkeypatch):
+    import verl.utils.ulysses as ulysses
+
+    monkeypatch.setattr(ulysses, "get_ulysses_sequence_parallel_world_size", lambda *a: 4)
+    q = torch.zeros(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="Ulysses"):
+        packed_attention_forward(None, q, q, q, None, position_ids=torch.arange(6)[None])
+
+
+def test_verl_workers_get_it_through_the_recipes_external_lib():
+    """``model.external_lib=recipe.retool.verl_perf`` (both recipe configs) registers the attention."""
+    import subprocess
+    import sys
+
+    probe = ("import recipe.retool.verl_perf; from transformers import AttentionInterface; "
+             f"print('{NAME}' in AttentionInterface._global_mapping)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("True"), proc.stderr[-2000:]
