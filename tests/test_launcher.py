@@ -235,6 +235,13 @@ def test_experiment_names_are_forwarded_into_the_containers():
     assert len(out["fns"]) >= 12
     for name, secrets in out["fns"].items():
         assert "RETOOL_EXPERIMENTER" in secrets and "RETOOL_EXPERIMENT]" in secrets, (name, secrets)
+    # Inside a container (modal.is_local() is False there, the names arrive as environment variables)
+    # the functions must be defined with the same secrets: Modal counts them as dependencies and
+    # refuses to start a function whose dependencies differ from the deployed definition.
+    remote = subprocess.run([sys.executable, "-c", "import modal\nmodal.is_local = lambda: False\n" + code],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert json.loads(remote.stdout.strip().splitlines()[-1])["fns"] == out["fns"]
 
 
 class _Status503(threading.Thread):

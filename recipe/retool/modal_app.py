@@ -29,8 +29,10 @@ from recipe.retool import launcher
 REPO = launcher.REPO_ROOT
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
 # RETOOL_EXPERIMENTER / RETOOL_EXPERIMENT from the local shell, set again in every container (where
-# this file is imported once more), so that paths computed there name the same experiment
-ENV = launcher.container_env(os.environ) if modal.is_local() else {}
+# this file is imported once more), so that paths computed there name the same experiment. Computed
+# from the environment alone, not under modal.is_local(): in the container the same variables give the
+# same value, and Modal refuses a function whose secrets (env) differ from the deployed definition.
+ENV = launcher.container_env(os.environ)
 VOLUME_NAMES = launcher.volume_names(EXP)
 GPU = f"{EXP.gpu}:{EXP.gpus}"
 T = EXP.timeouts
@@ -125,7 +127,8 @@ def _train(stage: str, cmd: list[str], exp_dir: str, base_model: str, env: dict[
            record: bool = True, exp: launcher.Experiment = EXP) -> None:
     """One training run, described before it starts: ``run_info.json`` is written (and committed)
     first, so the steps it saves get its record even if the container is pre-empted; steps left by
-    an earlier pre-empted run get that run's record. ``record``: False on the other nodes of a cluster."""
+    an earlier pre-empted run get that run's record. ``record``: False on the other nodes of a cluster
+    (each node still commits the shards it wrote)."""
     if record:
         launcher.start_run(exp_dir, launcher.run_info(exp, stage, cmd, base_model))
         checkpoints_volume.commit()
@@ -134,7 +137,7 @@ def _train(stage: str, cmd: list[str], exp_dir: str, base_model: str, env: dict[
     finally:
         if record:
             launcher.stamp_checkpoints(exp_dir)
-            _commit()
+        _commit()
 
 
 def _train_sft(extra: list[str] | None = None) -> None:
