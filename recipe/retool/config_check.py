@@ -16,6 +16,12 @@ runs these checks before it prints or launches anything:
   its package installed (verl imports it when training starts, after minutes of set-up).
 
 Each problem is one line naming where the value came from (the override, or the YAML file).
+
+Why value by value rather than verl's whole-section conversion (``omega_conf_to_dataclass``): verl
+0.9.1's own YAML does not convert cleanly into its dataclasses (``null`` for ``int`` fields, keys the
+classes lack, ``__post_init__`` checks that need a model), so converting a section reports verl's
+inconsistencies along with ours. Each value is checked against its field's type with OmegaConf's
+own conversion rules, which are the rules the conversion applies when verl runs.
 """
 
 from __future__ import annotations
