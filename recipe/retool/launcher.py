@@ -240,7 +240,10 @@ def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}': expected key=value")
-        update = OmegaConf.from_dotlist([item])
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except Exception as exc:  # OmegaConf's grammar error, first line only
+            raise ConfigError(f"override '{item}': {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, update, f"override '{item}'")
         origin.update(dict.fromkeys(_set_keys(update), f"override '{item}'"))
     for env, key in FORWARDED_ENV.items():
