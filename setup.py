@@ -10,37 +10,10 @@ def _requirements(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-# verl 0.9.1 is the one pinned dependency we build on; torch is deliberately *not* listed, so that
-# the CPU install path (pip install torch==2.13.0 first) never pulls a multi-GB CUDA build.
-INSTALL_REQUIRES = [
-    "verl==0.9.1",
-    # what verl's agent loop, main_ppo and sft_trainer import beyond verl's base install
-    # (its `verl-core` extra minus the GPU/video parts)
-    "cachetools",
-    "fastapi",
-    "uvicorn",
-    "uvloop",  # faster event loop for the sandbox server (picked up by uvicorn)
-    "httptools",
-    "pyzmq",
-    "msgspec",
-    "TransferQueue==0.1.11",  # main_ppo's v1 trainer (use_v1) passes batches through it
-    "tensordict==0.10.0",  # the one version both verl (<=0.10) and TransferQueue (>=0.10) accept
-    "datasets",
-    "pyarrow>=19",
-    "pandas",
-    "pyyaml",
-    "pydantic>=2",
-    "httpx",
-    "aiohttp",
-    "openai>=1.40",
-    "math-verify>=0.7",
-    "sympy",
-    "numpy",
-    "tqdm",
-    "rich",
-    "python-dotenv",
-    "matplotlib",
-]
+# The recipe's own requirements (verl 0.9.1 pinned, the loggers our configs name, …) live in one file
+# that the Modal image reads too; torch is deliberately *not* listed, so that the CPU install path
+# (pip install torch==2.13.0 first) never pulls a multi-GB CUDA build.
+INSTALL_REQUIRES = _requirements("recipe/retool/requirements.txt")
 
 EXTRAS = {
     # tests and dev tools (CPU only)

@@ -31,16 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 STUB = REPO / "tests" / "stub_openai_server.py"
 
 
-def wait_up(url: str) -> None:
-    for _ in range(600):
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} did not come up")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", type=int, default=30)
@@ -51,7 +41,7 @@ def main() -> None:
 
     from recipe.retool.data import rl_row, write_parquet
     from recipe.retool.eval_aime24_standalone import EvalConfig, evaluate
-    from recipe.retool.sandbox.local import LocalSandbox, free_port
+    from recipe.retool.sandbox.local import LocalSandbox, free_port, wait_until_healthy
 
     sandbox = LocalSandbox(workers=None, cwd=str(REPO)).wait()
     sandbox_url = sandbox.url
@@ -70,7 +60,7 @@ def main() -> None:
                 # the stand-in runs in its own process, so this process measures the harness alone
                 llm = subprocess.Popen([sys.executable, str(STUB), str(llm_port), json.dumps(spec)])
                 llm_url = f"http://127.0.0.1:{llm_port}"
-                wait_up(llm_url + "/stats")
+                wait_until_healthy(llm_url + "/stats", 120, llm, "stand-in model server")
                 cfg = EvalConfig(model="stub", output=str(Path(tmp) / f"out{delay}.json"), base_url=llm_url + "/v1",
                                  sandbox_url=sandbox_url, data=str(data), samples=args.samples,
                                  concurrency=args.concurrency)

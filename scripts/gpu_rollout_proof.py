@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mini_grpo import code_runs, parse_steps, teach_tool_call  # noqa: E402
@@ -66,18 +64,17 @@ def prepare(out: Path, teach_steps: int) -> dict:
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> float:
+    """Seconds until the server answers ``url``; exits with the server log's tail if it does not."""
+    from recipe.retool.sandbox.local import stop_process, wait_until_healthy
+
     start = time.time()
-    while time.time() - start < timeout:
-        if proc.poll() is not None:
-            sys.exit(f"server exited ({proc.returncode}); last lines of {log}:\n" + tail(log))
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return time.time() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    proc.terminate()
-    sys.exit(f"server not up after {timeout}s; last lines of {log}:\n" + tail(log))
+    try:
+        wait_until_healthy(url, timeout, proc, "model server", interval=2)
+    except RuntimeError as err:
+        if proc.poll() is None:
+            stop_process(proc)
+        sys.exit(f"{err}; last lines of {log}:\n" + tail(log))
+    return time.time() - start
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -103,8 +100,7 @@ def phase_eval(out: Path, engine: str, sandbox_url: str, env: dict, samples: int
     from recipe.retool import launcher
     from recipe.retool.eval_aime24_standalone import samples_path
 
-    exp = launcher.Experiment()
-    exp.eval.update(server=engine, port=8000)
+    exp = launcher.load_experiment(launcher.DEFAULT_CONFIG, [f"eval.server={engine}", "eval.port=8000"], environ={})
     cmd = launcher.serve_command(exp, str(out / "model"), 1)
     cmd = [sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]]  # this interpreter, not PATH's
     # SGLang: the attention backend verl 0.9.1's rollout uses with sglang>=0.5.12 (flashinfer; SGLang's
@@ -117,10 +113,10 @@ def phase_eval(out: Path, engine: str, sandbox_url: str, env: dict, samples: int
     with open(log, "w") as fh:
         server = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     try:
-        up_s = wait_http("http://127.0.0.1:8000/v1/models", server, 420, log)
+        up_s = wait_http(launcher.model_server_url(exp), server, 420, log)
         result = out / f"eval-{engine}" / "aime24.json"
         result.parent.mkdir(exist_ok=True)
-        ev = ["bash", str(REPO / "recipe/retool/evaluate_model.sh"), exp.eval["served_name"], str(result),
+        ev = ["bash", str(REPO / "recipe/retool/evaluate_model.sh"), exp.eval.served_name, str(result),
               "http://127.0.0.1:8000/v1", sandbox_url, "EMPTY", "--data", str(out / "data/rl/aime24.parquet"),
               "--samples", str(samples), "--max-turns", "4", "--max-tokens", "512", "--temperature", "1.0"]
         print("$", " ".join(ev), flush=True)

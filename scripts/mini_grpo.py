@@ -1,9 +1,9 @@
 """Miniature GRPO, end to end: verl's real ``main_ppo`` with our template, tool, sandbox and reward.
 
-    python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps 2]
+    python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps N]
 
 1. builds a tiny random-init Qwen2 model with the offline dev tokenizer, then teaches it by
-   teacher forcing (a few hundred Adam steps on the RL prompts) to open its answer with a
+   teacher forcing (``--teach-steps`` Adam steps on the RL prompts) to open its answer with a
    ``code_interpreter`` call, so that rollouts exercise the tool path (a random model never emits
    one); ``--no-teach`` skips that;
 2. prepares the bundled sample data with the real data stage and starts our sandbox server;
@@ -15,8 +15,10 @@
    log-prob/ref/update/weight sync), score, turns, how far the rollout's log-probs are from the
    actor's, the code runs our sandbox served, and the resumed step.
 
-Exits non-zero if a run fails or the resume did not happen. CPU needs nothing but this repo's
-install; a GPU machine needs verl importable (see scripts/gpu_wheels.sh).
+Progress goes to the console as it happens (each stage, the teaching loss, every GRPO step with
+its time and score); verl's full output goes to OUT/run1.log and OUT/run2.log. Exits non-zero if a
+run fails or the resume did not happen. CPU needs nothing but this repo's install; a GPU machine
+needs verl importable (see scripts/gpu_wheels.sh).
 """
 
 from __future__ import annotations
@@ -70,11 +72,13 @@ def teach_tool_call(model_dir: Path, data: Path, steps: int, device: str) -> dic
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step % 25 == 0 or step == steps:
+            progress(f"teaching the tool call: step {step}/{steps}, loss {float(loss.detach()):.4f}")
     model.eval()
     with torch.no_grad():  # greedy check on the first prompt
         out = model.generate(torch.tensor([rows[0][0]], device=device), max_new_tokens=len(reply) + 4,
@@ -111,15 +115,55 @@ def code_runs(sandbox_url: str) -> int:
     return int(httpx.get(sandbox_url + "/health", timeout=10).json()["stats"].get("requests", 0))
 
 
-def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict) -> float:
+def progress(message: str) -> None:
+    print(f"[mini_grpo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict, label: str, total_steps: int) -> tuple[int, float]:
+    """Run ``cmd`` with its output going to ``log``, and a console line for each training step it
+    reports (verl prints one ``step:N - metric:value - …`` line per step). Returns (exit code, seconds)."""
+    start = last = time.time()
+    progress(f"{label}: starting verl (Ray start-up, then {total_steps} step(s)); full output in {log}")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                errors="replace", bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            m = STEP_LINE.search(line)
+            if m:
+                metrics = parse_steps(line).get(int(m.group(1)), {})
+                score = metrics.get("critic/score/mean")
+                progress(f"{label}: step {m.group(1)}/{total_steps} done after {time.time() - last:.1f}s"
+                         + (f", score mean {score:+.3f}" if score is not None else ""))
+                last = time.time()
+        rc = proc.wait()
+    progress(f"{label}: finished in {time.time() - start:.0f}s (exit {rc})")
+    return rc, time.time() - start
+
+
+def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict,
+             label: str) -> float:
     cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(model), str(data), str(ckpt), "mini",
            "--config", config, f"trainer.total_training_steps={total_steps}", f"trainer.save_freq={total_steps}"]
-    start = time.time()
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    rc, seconds = run_logged(cmd, log, env, label, total_steps)
     if rc != 0:
         sys.exit(f"GRPO run failed (exit {rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
-    return time.time() - start
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python scripts/mini_grpo.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="where verl trains and rolls out (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=2,
+                   help="steps of the first run; a checkpoint is saved after the last (default: %(default)s)")
+    p.add_argument("--teach-steps", type=int, default=150,
+                   help="Adam steps teaching the model to call the tool (default: %(default)s)")
+    p.add_argument("--no-teach", action="store_true", help="keep the random model (it will not call the tool)")
+    return p
 
 
 def main() -> None:
@@ -128,32 +172,29 @@ def main() -> None:
     from recipe.retool.dev.tokenizer import build_dev_tokenizer, save_tiny_qwen2
     from recipe.retool.sandbox.local import LocalSandbox
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--steps", type=int, default=2, help="steps of the first run (a checkpoint is saved after the last)")
-    p.add_argument("--teach-steps", type=int, default=150)
-    p.add_argument("--no-teach", action="store_true", help="keep the random model (it will not call the tool)")
-    args = p.parse_args()
+    args = build_parser().parse_args()
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"device": args.device}
+    progress(f"building a tiny model and the sample data under {out}")
     model = save_tiny_qwen2(out / "model", build_dev_tokenizer())
     data = prepare_all(out / "data", SAMPLE_SOURCES)
     if not args.no_teach:
         summary["teach"] = teach_tool_call(model, data["rl"], args.teach_steps, "cuda" if args.device == "gpu" else "cpu")
-        print("taught:", summary["teach"], flush=True)
+        progress(f"taught: {summary['teach']}")
     config_name = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
     config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
+    progress("starting the sandbox server")
     sandbox = LocalSandbox(workers=2).wait()
     try:
         env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox.url, "PYTHONUNBUFFERED": "1"}
         runs_before = code_runs(sandbox.url)
         ckpt = out / "ckpt"
-        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env)
+        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1")
         runs_mid = code_runs(sandbox.url)
-        wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env)
+        wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env,
+                         "run 2 (resumes from the checkpoint)")
         runs_after = code_runs(sandbox.url)
     finally:
         sandbox.stop()

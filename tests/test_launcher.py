@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -19,24 +22,60 @@ def test_file_then_overrides_then_environment(tmp_path):
     cfg.write_text("experiment: e1\ngpus: 4\nsft:\n  overrides: [trainer.total_epochs=1]\n")
     exp = load_experiment(cfg, ["gpus=2", "grpo.config=retool_grpo_upstream"], environ={"RETOOL_EXPERIMENTER": "ana"})
     assert (exp.experiment, exp.gpus, exp.experimenter) == ("e1", 2, "ana")
-    assert exp.sft["overrides"] == ["trainer.total_epochs=1"] and exp.sft["config"] == "retool_sft"  # merged, not replaced
-    assert exp.grpo["config"] == "retool_grpo_upstream" and exp.model == Experiment().model
+    assert exp.sft.overrides == ["trainer.total_epochs=1"] and exp.sft.config == "retool_sft"  # merged, not replaced
+    assert exp.grpo.config == "retool_grpo_upstream" and exp.model == Experiment().model
+    assert isinstance(exp.timeouts.sft, int) and exp.image.engine is launcher.Engine.sglang
 
 
-@pytest.mark.parametrize("text, override, message", [
-    ("gpus: 4\ngpu_typo: A100\n", [], "unknown key 'gpu_typo'"),
-    ("sft:\n  overide: []\n", [], r"exp.yaml.sft: unknown key 'overide'"),
-    ("", ["nodes"], "expected key=value"),
-    ("", ["gpus=0"], "gpus and nodes must be ≥ 1"),
-    ("- a list\n", [], "expected a mapping"),
+@pytest.mark.parametrize("override, message", [
+    ("gpus=four", "override 'gpus=four': 'gpus' expects an integer, got 'four'"),
+    ("timeouts.sft=soon", "override 'timeouts.sft=soon': 'timeouts.sft' expects an integer, got 'soon'"),
+    ("sandbox.allow_unsafe=maybe", "override 'sandbox.allow_unsafe=maybe': 'sandbox.allow_unsafe' expects true or false, got 'maybe'"),
+    ("eval.server=tgi", "override 'eval.server=tgi': 'eval.server' expects one of ['sglang', 'vllm'], got 'tgi'"),
+    ("image.engine=trtllm", "override 'image.engine=trtllm': 'image.engine' expects one of ['sglang', 'vllm'], got 'trtllm'"),
+    ("gpu_typo=A100", "override 'gpu_typo=A100': unknown key 'gpu_typo' (known: experimenter, experiment, model, gpu, gpus"),
+    ("timeouts.sfx=1", "override 'timeouts.sfx=1': unknown key 'timeouts.sfx' (known in timeouts: prep, download, sft, grpo"),
+    ("timeouts=5", "override 'timeouts=5': 'timeouts' is a section (prep, download, sft, grpo, eval, smoke), not a single value"),
+    ("nodes", "override 'nodes': expected key=value"),
+    ("gpus=0", "override 'gpus=0': 'gpus' must be ≥ 1, got 0"),
 ])
-def test_bad_configs_are_named(tmp_path, text, override, message):
+def test_bad_overrides_are_named_not_the_file(tmp_path, override, message):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("experiment: e1\ngpus: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(cfg, [override], environ={})
+    assert str(err.value).startswith(message), str(err.value)
+    assert str(cfg) not in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("gpus: 4\ngpu_typo: A100\n", "exp.yaml: unknown key 'gpu_typo'"),
+    ("sft:\n  overide: []\n", "exp.yaml: unknown key 'sft.overide' (known in sft: config, overrides)"),
+    ("timeouts:\n  sft: soon\n", "exp.yaml: 'timeouts.sft' expects an integer, got 'soon'"),
+    ("sandbox:\n  allow_unsafe: maybe\n", "exp.yaml: 'sandbox.allow_unsafe' expects true or false, got 'maybe'"),
+    ("nodes: 0\n", "exp.yaml: 'nodes' must be ≥ 1, got 0"),
+    ("- a list\n", "exp.yaml: expected a mapping"),
+    ("gpus: [\n", "exp.yaml: not valid YAML"),
+])
+def test_bad_config_files_are_named(tmp_path, text, message):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(text)
-    with pytest.raises(ConfigError, match=message):
-        load_experiment(cfg, override, environ={})
+    with pytest.raises(ConfigError) as err:
+        load_experiment(cfg, environ={})
+    assert str(err.value).startswith(f"{tmp_path}/{message}"), str(err.value)
     with pytest.raises(ConfigError, match="no such experiment config"):
         load_experiment(tmp_path / "missing.yaml", environ={})
+
+
+def test_an_override_fixes_a_bad_file_value(tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("nodes: 0\n")
+    assert load_experiment(cfg, ["nodes=2"], environ={}).nodes == 2
+
+
+def test_dry_run_cli_names_the_bad_override(capsys):
+    assert launcher.main(["--dry-run", "gpus=four"]) == 2
+    assert "error: override 'gpus=four': 'gpus' expects an integer, got 'four'" in capsys.readouterr().err
 
 
 def test_volume_names_never_collide():
@@ -60,21 +99,22 @@ def test_commands_use_the_stage_modules_and_pass_resources_and_overrides():
     assert launcher.grpo_command(exp, "/vol/models/x")[4] == "/vol/models/x"
     serve = launcher.serve_command(exp, "/m")
     assert serve[:3] == ["python", "-m", "sglang.launch_server"] and serve[serve.index("--tp") + 1] == "4"
-    exp.eval["server"] = "vllm"
-    assert launcher.serve_command(exp, "/m")[:2] == ["vllm", "serve"]
-    exp.eval["server"] = "tgi"
-    with pytest.raises(ConfigError, match="eval.server"):
-        launcher.serve_command(exp, "/m")
+    vllm = load_experiment(REPO / "config" / "modal" / "default.yaml", ["eval.server=vllm"], environ={})
+    assert launcher.serve_command(vllm, "/m")[:2] == ["vllm", "serve"]
     prep = launcher.prep_commands(exp)
     assert prep[0][:4] == ["python", "-m", "recipe.retool.data", "all"] and len(prep) == 4
     assert all("--tokenizer" in c for c in prep[1:])
 
 
-def test_train_commands_compose_for_real(tmp_path):
-    """The launcher's SFT/GRPO commands are accepted by the train module's dry run, overrides and all."""
+def test_train_commands_compose_for_real(tmp_path, sample_data):
+    """The launcher's SFT/GRPO commands are accepted by the train module's dry run, overrides and all
+    (with the bundled samples in place of the data volume)."""
     exp = load_experiment(REPO / "config" / "modal" / "smoke.yaml", environ={})
-    for cmd in (launcher.sft_command(exp, str(tmp_path), exp.smoke["sft_overrides"]),
-                launcher.grpo_command(exp, "Qwen/Qwen2.5-0.5B-Instruct", exp.smoke["grpo_overrides"])):
+    data_dir = str(sample_data["rl"].parent.parent)
+    for cmd in (launcher.sft_command(exp, str(tmp_path), exp.smoke.sft_overrides),
+                launcher.grpo_command(exp, "Qwen/Qwen2.5-0.5B-Instruct", exp.smoke.grpo_overrides)):
+        assert cmd[5] == launcher.DATA_DIR
+        cmd[5] = data_dir
         proc = subprocess.run([sys.executable, *cmd[1:], "--dry-run"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-1500:]
         assert "trainer.n_gpus_per_node=1" in proc.stdout.split("# command")[-1]
@@ -88,22 +128,46 @@ def _step(root, stage, exp, n, shard=True):
     return d
 
 
-def test_checkpoint_listing_and_info(tmp_path):
+def test_checkpoint_info_is_written_before_the_run_and_survives_preemption(tmp_path):
+    exp = load_experiment(REPO / "config" / "modal" / "default.yaml", ["sft.overrides=[trainer.total_epochs=1]"],
+                          environ={})
+    root = tmp_path / "sft-experiments" / "e"
+    first = launcher.run_info(exp, "sft", launcher.sft_command(exp), exp.model)
+    assert first["overrides"] == ["trainer.n_gpus_per_node=8", "trainer.nnodes=1", "trainer.total_epochs=1"]
+    assert (first["config"], first["gpus"], first["nodes"]) == ("retool_sft", 8, 1)
+    assert launcher.start_run(root, first) == []
+    assert json.loads((root / launcher.RUN_INFO).read_text()) == first  # on the volume before training starts
+    _step(tmp_path, "sft", "e", 2)
+    _step(tmp_path, "sft", "e", 10)  # ... then the container is pre-empted: no stamp after the run
+    second = launcher.run_info(load_experiment(REPO / "config" / "modal" / "default.yaml", ["gpus=4"], environ={}),
+                               "sft", launcher.sft_command(exp), exp.model)
+    written = launcher.start_run(root, second)  # the rerun first describes the steps the pre-empted run saved
+    assert sorted(p.parent.name for p in written) == ["global_step_10", "global_step_2"]
+    info = json.loads((root / "global_step_10" / launcher.CHECKPOINT_INFO).read_text())
+    assert info == {**first, "step": 10}  # the run that saved it, overrides included, not the rerun
+    _step(tmp_path, "sft", "e", 20)
+    assert [p.parent.name for p in launcher.stamp_checkpoints(root)] == ["global_step_20"]
+    assert json.loads((root / "global_step_20" / launcher.CHECKPOINT_INFO).read_text())["gpus"] == 4
+    assert launcher.stamp_checkpoints(root) == []  # existing info files are not rewritten
+
+
+def test_config_hash_covers_overrides_gpus_and_nodes():
+    h = launcher.config_hash("retool_sft", ["a=1"], 8, 1)
+    assert len(h) == 16 and h == launcher.config_hash("retool_sft", ["a=1"], 8, 1)
+    assert len({h, launcher.config_hash("retool_sft", [], 8, 1), launcher.config_hash("retool_sft", ["a=1"], 4, 1),
+                launcher.config_hash("retool_sft", ["a=1"], 8, 2)}) == 4
+
+
+def test_checkpoint_listing(tmp_path):
     _step(tmp_path, "sft", "e", 10)
     _step(tmp_path, "sft", "e", 2)
     g = _step(tmp_path, "grpo", "e-grpo", 20)
     (g / "actor" / "merged_hf").mkdir(parents=True)
-    written = launcher.write_checkpoint_info(tmp_path / "sft-experiments" / "e", "sft", "Qwen/Q", "/vol/data",
-                                             "retool_sft", ["a=1"])
-    assert len(written) == 2
-    info = json.loads(written[0].read_text())
-    assert info["stage"] == "sft" and info["base_model"] == "Qwen/Q" and len(info["config_hash"]) == 16
-    assert info["config_hash"] == launcher.config_hash("retool_sft", ["a=1"]) != launcher.config_hash("retool_sft", [])
-    # existing info files are not rewritten
-    assert launcher.write_checkpoint_info(tmp_path / "sft-experiments" / "e", "sft", "x", "y", "retool_sft", []) == []
+    launcher.start_run(tmp_path / "sft-experiments" / "e", {"stage": "sft"})
+    launcher.stamp_checkpoints(tmp_path / "sft-experiments" / "e")
     rows = launcher.list_checkpoints(tmp_path)
     assert [(r["stage"], r["step"], r["merged"]) for r in rows] == [("grpo", 20, True), ("sft", 2, False), ("sft", 10, False)]
-    assert rows[1]["info"]["step"] == 2
+    assert rows[1]["info"] == {"stage": "sft", "step": 2} and "info" not in rows[0]
     assert launcher.merge_command(g)[-1] == str(g / "actor" / "merged_hf")
 
 
@@ -142,3 +206,104 @@ def test_modal_apps_import_with_the_real_package_and_register_every_function():
     assert isinstance(s.sandbox, modal.Function)
     assert m.VOLUME_NAMES["checkpoints"].startswith("retool-checkpoints-")
     assert m.GPU == "H100:8"
+
+
+def test_image_installs_the_recipe_requirements_with_the_engine_set():
+    """The Modal image installs what `pip install -e ".[gpu]"` does (a --no-deps install of the
+    package follows), so the loggers and verl's extra imports are in it."""
+    exp = load_experiment(REPO / "config" / "modal" / "default.yaml", environ={})
+    packages = launcher.image_requirements(exp)
+    assert {"verl==0.9.1", "swanlab", "wandb", "TransferQueue==0.1.11", "sglang==0.5.13"} <= set(packages)
+    vllm = load_experiment(REPO / "config" / "modal" / "default.yaml", ["image.engine=vllm"], environ={})
+    assert "vllm==0.24.0" in launcher.image_requirements(vllm) and "sglang==0.5.13" not in launcher.image_requirements(vllm)
+
+
+def test_experiment_names_are_forwarded_into_the_containers():
+    """RETOOL_EXPERIMENTER / RETOOL_EXPERIMENT name the volumes locally; every function gets them as
+    environment variables, so the config re-read inside the container names the same experiment."""
+    assert launcher.container_env({"RETOOL_EXPERIMENT": "x", "HOME": "/root"}) == {"RETOOL_EXPERIMENT": "x"}
+    code = ("import json, modal\nimport recipe.retool.modal_app as m\n"
+            "fns = {n: repr(f._spec_.secrets) for n, f in vars(m).items() if isinstance(f, modal.Function)}\n"
+            "print(json.dumps({'experiment': m.EXP.experiment, 'experimenter': m.EXP.experimenter, "
+            "'volumes': m.VOLUME_NAMES, 'fns': fns}))")
+    env = {**os.environ, "RETOOL_EXPERIMENTER": "ana", "RETOOL_EXPERIMENT": "exp7"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["experimenter"], out["experiment"]) == ("ana", "exp7")
+    assert out["volumes"]["checkpoints"] == "retool-checkpoints-ana-exp7"
+    assert len(out["fns"]) >= 12
+    for name, secrets in out["fns"].items():
+        assert "RETOOL_EXPERIMENTER" in secrets and "RETOOL_EXPERIMENT]" in secrets, (name, secrets)
+    # Inside a container (modal.is_local() is False there, the names arrive as environment variables)
+    # the functions must be defined with the same secrets: Modal counts them as dependencies and
+    # refuses to start a function whose dependencies differ from the deployed definition.
+    remote = subprocess.run([sys.executable, "-c", "import modal\nmodal.is_local = lambda: False\n" + code],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert json.loads(remote.stdout.strip().splitlines()[-1])["fns"] == out["fns"]
+
+
+class _Status503(threading.Thread):
+    """A real HTTP server that answers every request with 503 and counts them."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests += 1
+                self.send_response(503)
+                self.end_headers()
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        super().__init__(target=self.server.serve_forever, daemon=True)
+        self.start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def test_the_model_server_wait_sleeps_after_non_200_and_fails_after_its_time():
+    from recipe.retool.sandbox.local import wait_until_healthy
+
+    server = _Status503()
+    try:
+        start = time.time()
+        with pytest.raises(RuntimeError, match=r"model server did not answer .* within 1s \(last: HTTP 503\)"):
+            wait_until_healthy(f"http://127.0.0.1:{server.port}/v1/models", 1.0, what="model server", interval=0.25)
+        assert time.time() - start >= 1.0 and server.requests <= 6  # it slept between tries
+    finally:
+        server.stop()
+
+
+def test_modal_evaluation_never_runs_against_a_server_that_does_not_answer(monkeypatch, tiny_model_dir):
+    """modal_app's evaluate: a model server that only answers 503 stops the evaluation with an error
+    (before, the wait fell through after its tries and the evaluation ran against the dead server).
+    The model server is a real process; the Modal volume commit and the eval command are stubbed."""
+    from dataclasses import replace
+
+    import recipe.retool.modal_app as m
+    from recipe.retool.sandbox.local import free_port
+
+    port = free_port()
+    code = ("import sys\nfrom http.server import BaseHTTPRequestHandler, HTTPServer\n"
+            "class H(BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n        self.send_response(503)\n        self.end_headers()\n"
+            "HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+    monkeypatch.setattr(m.EXP, "eval", replace(m.EXP.eval, port=port, server_start_timeout=3))
+    monkeypatch.setattr(m.launcher, "serve_command", lambda exp, path, gpus: [sys.executable, "-c", code, str(port)])
+    ran = []
+    monkeypatch.setattr(m, "_run", lambda cmds, env=None: ran.extend(cmds))
+    monkeypatch.setattr(m, "_commit", lambda: ran.append("commit"))
+    monkeypatch.setattr(m, "_sandbox_url", lambda: "http://127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="model server did not answer .* within 3s \\(last: HTTP 503\\)"):
+        m._serve_and_evaluate(str(tiny_model_dir), 1, [])
+    assert ran == []  # no evaluation, no commit of a half-written result

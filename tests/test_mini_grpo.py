@@ -33,3 +33,40 @@ def test_mini_grpo_trains_checkpoints_and_resumes_on_cpu(tmp_path):
         assert step["training/rollout_actor_probs_pearson_corr"] > 0.99
         assert all(k in step for k in ("timing_s/gen", "timing_s/update_actor", "timing_s/update_weights"))
         assert run["rollout_server"] and run["rollout_server"][0]["requests"] > 0
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mini_grpo", ROOT / "scripts" / "mini_grpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_states_the_defaults_the_parser_uses():
+    mini = _load_script()
+    parser = mini.build_parser()
+    proc = subprocess.run([sys.executable, "scripts/mini_grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for action in parser._actions:
+        if isinstance(action.default, (int, str)) and not isinstance(action.default, bool) and action.dest != "help":
+            assert f"(default: {action.default})" in text, action.dest
+    assert "(default: 150)" in text and "few hundred" not in text  # the docstring no longer states its own count
+
+
+def test_each_training_step_is_reported_while_the_run_goes_on(tmp_path, capsys):
+    """run_logged streams a real process's output to the log and prints a line per verl step line."""
+    mini = _load_script()
+    code = ("import time\n"
+            "print('(TaskRunner pid=7) Ray started', flush=True)\n"
+            "for s in (1, 2):\n"
+            "    time.sleep(0.2)\n"
+            "    print(f'(TaskRunner pid=7) step:{s} - timing_s/step:0.2 - critic/score/mean:-0.9{s}', flush=True)\n")
+    rc, seconds = mini.run_logged([sys.executable, "-c", code], tmp_path / "run.log", None, "run 1", 2)
+    out = capsys.readouterr().out
+    assert rc == 0 and seconds >= 0.4
+    assert "run 1: step 1/2 done after" in out and "score mean -0.910" in out
+    assert "run 1: step 2/2 done after" in out and "score mean -0.920" in out
+    assert "Ray started" in (tmp_path / "run.log").read_text() and "Ray started" not in out

@@ -61,3 +61,24 @@ def test_shell_wrapper_keeps_positional_arguments(sample_data, dev_tokenizer_dir
     assert proc.returncode == 0, proc.stderr
     assert "kept 0/12 rows, dropped 12" in proc.stdout
     assert len(pd.read_parquet(out)) == 0 and len(pd.read_parquet(tmp_path / "f.dropped.parquet")) == 12
+
+
+@pytest.mark.parametrize("tokenizer, message", [
+    ("/no/such/tokenizer", "--tokenizer /no/such/tokenizer: no such directory"),
+    ("Nobody/no-such-model", "--tokenizer Nobody/no-such-model: not a local directory, not in the Hugging Face "
+                             "cache, and the hub cannot be reached (HF_HUB_OFFLINE is set)"),
+])
+def test_a_tokenizer_that_cannot_load_is_one_line_before_any_worker(sample_data, tmp_path, tokenizer, message):
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.prefilter_dataset", "--input", str(sample_data["rl"]),
+                           "--output", str(tmp_path / "o.parquet"), "--tokenizer", tokenizer, "--workers", "2"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"ERROR __main__: {message}"], proc.stderr[-3000:]
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_file_as_tokenizer_is_refused(sample_data, tmp_path):
+    with pytest.raises(DataError, match="expected a tokenizer directory or a Hugging Face id, got a file"):
+        prefilter(sample_data["rl"], tmp_path / "o.parquet", str(sample_data["rl"]), workers=2, progress=False)

@@ -127,8 +127,9 @@ def test_sft_config_converts_like_verls_sft_trainer(tiny_model_dir, sample_data)
     ("train_retool_grpo.sh", "verl.trainer.main_ppo", "retool_grpo_template"),
     ("train_sft.sh", "verl.trainer.sft_trainer", "retool_sft"),
 ])
-def test_scripts_dry_run_print_the_full_command(script, module, config, tiny_model_dir, tmp_path):
-    proc = subprocess.run(["bash", str(PACKAGE_DIR / script), str(tiny_model_dir), str(tmp_path / "data"),
+def test_scripts_dry_run_print_the_full_command(script, module, config, tiny_model_dir, sample_data, tmp_path):
+    data_dir = sample_data["rl"].parent.parent
+    proc = subprocess.run(["bash", str(PACKAGE_DIR / script), str(tiny_model_dir), str(data_dir),
                            str(tmp_path / "out"), "exp1", "trainer.total_epochs=3", "--dry-run"],
                           capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,7 +7,11 @@ around this module, so all of it is testable without Modal's cloud.
 prints every Modal function's command and resources for the experiment config without running
 anything. Config values can be overridden with dotted ``key=value`` arguments (``gpus=4``,
 ``sft.overrides=[trainer.total_epochs=1]``); ``RETOOL_EXPERIMENTER`` / ``RETOOL_EXPERIMENT``
-override the names.
+override the names (and are forwarded into the containers).
+
+The config is typed: :class:`Experiment` and its sections are OmegaConf structured configs, so a
+wrong type (``gpus=four``), an unknown key or a value outside a choice (``eval.server=tgi``) is
+an error that names the override or the YAML file it came from.
 """
 
 from __future__ import annotations
@@ -18,22 +22,122 @@ import json
 import os
 import re
 import shlex
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.nodes import EnumNode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "modal" / "default.yaml"
 SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY")
 # image.engine -> the GPU set the image installs (one file per set, also setup.py's extras)
 GPU_REQUIREMENTS = {"sglang": "requirements-gpu.txt", "vllm": "requirements-gpu-vllm.txt"}
+# what every install needs (setup.py's install_requires reads the same file)
+CORE_REQUIREMENTS = REPO_ROOT / "recipe" / "retool" / "requirements.txt"
+# local environment variables that name the experiment: they override the file, and are forwarded
+# into the containers so that paths computed there agree with the volumes named here
+FORWARDED_ENV = {"RETOOL_EXPERIMENTER": "experimenter", "RETOOL_EXPERIMENT": "experiment"}
 
 # where the volumes are mounted inside the containers
 DATA_DIR = "/vol/data"
 MODELS_DIR = "/vol/models"
 CKPT_DIR = "/vol/checkpoints"
+
+
+class Engine(str, Enum):
+    """The rollout engine the Modal image installs (``image.engine``)."""
+
+    sglang = "sglang"
+    vllm = "vllm"
+
+
+class ModelServer(str, Enum):
+    """What serves the checkpoint for evaluation (``eval.server``)."""
+
+    sglang = "sglang"
+    vllm = "vllm"
+
+
+# The experiment config's schema: OmegaConf structured configs, so types, defaults, unknown-key errors
+# and merging (defaults ← YAML file ← key=value overrides) come from one place.
+@dataclass
+class Timeouts:
+    """Seconds each Modal function may run."""
+
+    prep: int = 3600
+    download: int = 3600
+    sft: int = 24 * 3600
+    grpo: int = 24 * 3600
+    eval: int = 4 * 3600
+    smoke: int = 3600
+
+
+@dataclass
+class DataSources:
+    sft_source: str = "JoeYing/ReTool-SFT"
+    rl_source: str = "BytedTsinghua-SIA/DAPO-Math-17k"
+    val_source: str = "Maxwell-Jia/AIME_2024"
+    sample: bool = False  # the bundled samples instead of the hub datasets
+    prefilter_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SftStage:
+    config: str = "retool_sft"
+    overrides: list[str] = field(default_factory=list)  # verl key=value
+
+
+@dataclass
+class GrpoStage:
+    config: str = "retool_grpo_template"
+    sft_checkpoint: str | None = None  # None: the latest checkpoint of this experiment's SFT run
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalStage:
+    checkpoint: str | None = None  # None: the latest GRPO checkpoint (else SFT)
+    server: ModelServer = ModelServer.sglang
+    served_name: str = "retool"
+    port: int = 8000
+    args: list[str] = field(default_factory=list)  # eval flags, e.g. [--samples, 32]
+    server_start_timeout: int = 1800  # seconds the model server may take to answer
+
+
+@dataclass
+class SandboxSettings:
+    url: str | None = None  # None: the URL of the deployed sandbox app
+    app_name: str = "retool-sandbox"
+    function: str = "sandbox"
+    workers: int = 16
+    cpu: float = 8
+    memory_mb: int = 16384
+    max_containers: int = 32
+    concurrency: int = 64
+    allow_unsafe: bool = False
+
+
+@dataclass
+class SmokeRun:
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    sft_overrides: list[str] = field(default_factory=list)
+    grpo_overrides: list[str] = field(default_factory=list)
+    eval_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageSettings:
+    base: str = "nvidia/cuda:12.8.1-devel-ubuntu22.04"
+    python: str = "3.12"
+    engine: Engine = Engine.sglang
+    flash_attn_wheel: str | None = None
 
 
 @dataclass
@@ -44,30 +148,19 @@ class Experiment:
     gpu: str = "H100"
     gpus: int = 8
     nodes: int = 1
-    timeouts: dict[str, int] = field(default_factory=lambda: {
-        "prep": 3600, "download": 3600, "sft": 24 * 3600, "grpo": 24 * 3600, "eval": 4 * 3600, "smoke": 3600})
-    data: dict[str, Any] = field(default_factory=lambda: {
-        "sft_source": "JoeYing/ReTool-SFT", "rl_source": "BytedTsinghua-SIA/DAPO-Math-17k",
-        "val_source": "Maxwell-Jia/AIME_2024", "sample": False, "prefilter_args": []})
-    sft: dict[str, Any] = field(default_factory=lambda: {"config": "retool_sft", "overrides": []})
-    grpo: dict[str, Any] = field(default_factory=lambda: {
-        "config": "retool_grpo_template", "sft_checkpoint": None, "overrides": []})
-    eval: dict[str, Any] = field(default_factory=lambda: {
-        "checkpoint": None, "server": "sglang", "served_name": "retool", "port": 8000, "args": []})
-    sandbox: dict[str, Any] = field(default_factory=lambda: {
-        "url": None, "app_name": "retool-sandbox", "function": "sandbox", "workers": 16, "cpu": 8,
-        "memory_mb": 16384, "max_containers": 32, "concurrency": 64, "allow_unsafe": False})
-    smoke: dict[str, Any] = field(default_factory=lambda: {"model": "Qwen/Qwen2.5-0.5B-Instruct", "sft_overrides": [],
-                                                           "grpo_overrides": [], "eval_args": []})
-    image: dict[str, Any] = field(default_factory=lambda: {
-        "base": "nvidia/cuda:12.8.1-devel-ubuntu22.04", "python": "3.12", "engine": "sglang", "flash_attn_wheel": None})
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    data: DataSources = field(default_factory=DataSources)
+    sft: SftStage = field(default_factory=SftStage)
+    grpo: GrpoStage = field(default_factory=GrpoStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    smoke: SmokeRun = field(default_factory=SmokeRun)
+    image: ImageSettings = field(default_factory=ImageSettings)
 
     @property
     def gpu_requirements(self) -> Path:
         """The GPU set the image installs: the same file as setup.py's `gpu` / `gpu-vllm` extra."""
-        if self.image.get("engine") not in GPU_REQUIREMENTS:
-            raise ConfigError(f"image.engine: expected one of {sorted(GPU_REQUIREMENTS)}, got {self.image.get('engine')!r}")
-        return REPO_ROOT / "recipe" / "retool" / GPU_REQUIREMENTS[self.image["engine"]]
+        return REPO_ROOT / "recipe" / "retool" / GPU_REQUIREMENTS[self.image.engine.value]
 
     @property
     def sft_name(self) -> str:
@@ -82,55 +175,85 @@ class ConfigError(ValueError):
     pass
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if key not in base:
-            raise ConfigError(f"{where}: unknown key '{key}' (known: {sorted(base)})")
-        if isinstance(base[key], dict) and isinstance(value, dict):
-            out[key] = _merge(base[key], value, f"{where}.{key}")
-        else:
-            out[key] = value
-    return out
+_WORDS = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
+          "StringNode": "a string", "ListConfig": "a list", "DictConfig": "a mapping"}
 
 
-def parse_override(item: str) -> dict[str, Any]:
-    """``a.b=value`` → {"a": {"b": value}}, the value parsed as YAML (numbers, lists, null)."""
-    import yaml
+def _expected(schema: DictConfig, key: str) -> str:
+    node: Any = schema
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return "another value"
+        node = node._get_node(part)
+    if isinstance(node, EnumNode):
+        return f"one of {[e.name for e in node._metadata.object_type]}"
+    return _WORDS.get(type(node).__name__, "another value")
 
-    if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key=value")
-    key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
+
+def _merge(cfg: DictConfig, update: DictConfig, where: str) -> DictConfig:
+    """``cfg`` with ``update`` merged in; a wrong key or type is a ConfigError naming ``where``."""
+    try:
+        return OmegaConf.merge(cfg, update)
+    except ConfigKeyError as exc:
+        parent = exc.full_key.rpartition(".")[0]
+        known = list(OmegaConf.select(cfg, parent).keys()) if parent else list(cfg.keys())
+        raise ConfigError(f"{where}: unknown key '{exc.full_key}' (known{' in ' + parent if parent else ''}: "
+                          f"{', '.join(known)})") from None
+    except ValidationError as exc:
+        key = exc.full_key or next((k for k in _set_keys(update) if isinstance(OmegaConf.select(cfg, k), DictConfig)), "")
+        got = OmegaConf.select(update, key, default=None) if key else update
+        if key and isinstance(OmegaConf.select(cfg, key), DictConfig):
+            raise ConfigError(f"{where}: '{key}' is a section ({', '.join(OmegaConf.select(cfg, key).keys())}), "
+                              f"not a single value") from None
+        if not key:
+            raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{where}: '{key}' expects {_expected(cfg, key)}, got {got!r}") from None
+
+
+def _set_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, DictConfig):
+        return [k for key in node.keys() for k in _set_keys(node._get_node(key), f"{prefix}{key}.")]
+    return [prefix[:-1]]
 
 
 def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (),
-                    environ: dict[str, str] | None = None) -> Experiment:
-    """The experiment config: defaults ← YAML file ← ``key=value`` overrides ← environment names."""
-    import yaml
+                    environ: Mapping[str, str] | None = None) -> Experiment:
+    """The experiment config: defaults ← YAML file ← ``key=value`` overrides ← environment names.
 
+    Every error names its source: the YAML file for a value set there, the override for one given
+    on the command line."""
     environ = os.environ if environ is None else environ
-    cfg = asdict(Experiment())
+    cfg = OmegaConf.structured(Experiment)
+    origin: dict[str, str] = {}
     path = Path(path) if path else DEFAULT_CONFIG
     if path.exists():
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         cfg = _merge(cfg, loaded, str(path))
+        origin.update(dict.fromkeys(_set_keys(loaded), str(path)))
     elif path != DEFAULT_CONFIG:
         raise ConfigError(f"{path}: no such experiment config")
     for item in overrides:
-        cfg = _merge(cfg, parse_override(item), f"override '{item}'")
-    for env, key in (("RETOOL_EXPERIMENTER", "experimenter"), ("RETOOL_EXPERIMENT", "experiment")):
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}': expected key=value")
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except Exception as exc:  # OmegaConf's grammar error, first line only
+            raise ConfigError(f"override '{item}': {str(exc).splitlines()[0]}") from None
+        cfg = _merge(cfg, update, f"override '{item}'")
+        origin.update(dict.fromkeys(_set_keys(update), f"override '{item}'"))
+    for env, key in FORWARDED_ENV.items():
         if environ.get(env):
             cfg[key] = environ[env]
-    exp = Experiment(**cfg)
-    if exp.gpus < 1 or exp.nodes < 1:
-        raise ConfigError(f"{path}: gpus and nodes must be ≥ 1 (got gpus={exp.gpus}, nodes={exp.nodes})")
-    return exp
+            origin[key] = f"${env}"
+    for key in ("gpus", "nodes"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{origin.get(key, 'default')}: '{key}' must be ≥ 1, got {cfg[key]}")
+    return OmegaConf.to_object(cfg)
 
 
 def _slug(text: str) -> str:
@@ -158,14 +281,14 @@ def _py(module: str, *args: str) -> list[str]:
 def prep_commands(exp: Experiment, tokenizer: str | None = None) -> list[list[str]]:
     d = exp.data
     cmd = _py("recipe.retool.data", "all", "--out-dir", f"{DATA_DIR}/raw",
-              "--sft-source", d["sft_source"], "--rl-source", d["rl_source"], "--aime24-source", d["val_source"])
-    if d.get("sample"):
+              "--sft-source", d.sft_source, "--rl-source", d.rl_source, "--aime24-source", d.val_source)
+    if d.sample:
         cmd = _py("recipe.retool.data", "all", "--out-dir", f"{DATA_DIR}/raw", "--sample")
     cmds = [cmd]
     tok = tokenizer or model_dir(exp.model)
     for rel in ("sft/train.parquet", "rl/train.parquet", "rl/aime24.parquet"):
         cmds.append(_py("recipe.retool.prefilter_dataset", "--input", f"{DATA_DIR}/raw/{rel}",
-                        "--output", f"{DATA_DIR}/{rel}", "--tokenizer", tok, *map(str, d.get("prefilter_args", []))))
+                        "--output", f"{DATA_DIR}/{rel}", "--tokenizer", tok, *d.prefilter_args))
     return cmds
 
 
@@ -175,36 +298,43 @@ def resource_overrides(exp: Experiment, gpus: int | None = None) -> list[str]:
 
 def sft_command(exp: Experiment, model: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     return _py("recipe.retool.train", "sft", model or model_dir(exp.model), DATA_DIR, CKPT_DIR, exp.sft_name,
-               "--config", exp.sft["config"], *resource_overrides(exp), *map(str, [*exp.sft["overrides"], *extra]))
+               "--config", exp.sft.config, *resource_overrides(exp), *exp.sft.overrides, *map(str, extra))
 
 
 def sft_checkpoint_root(exp: Experiment) -> str:
     return f"{CKPT_DIR}/sft-experiments/{exp.sft_name}"
 
 
+def grpo_checkpoint_root(exp: Experiment) -> str:
+    return f"{CKPT_DIR}/grpo-experiments/{exp.grpo_name}"
+
+
 def grpo_command(exp: Experiment, sft_model: str | None = None, extra: Sequence[str] = ()) -> list[str]:
-    model = sft_model or exp.grpo.get("sft_checkpoint") or sft_checkpoint_root(exp)
+    model = sft_model or exp.grpo.sft_checkpoint or sft_checkpoint_root(exp)
     return _py("recipe.retool.train", "grpo", model, DATA_DIR, CKPT_DIR, exp.grpo_name,
-               "--config", exp.grpo["config"], *resource_overrides(exp), *map(str, [*exp.grpo["overrides"], *extra]))
+               "--config", exp.grpo.config, *resource_overrides(exp), *exp.grpo.overrides, *map(str, extra))
 
 
 def serve_command(exp: Experiment, model_path: str, gpus: int | None = None) -> list[str]:
     e = exp.eval
     tp = str(gpus or exp.gpus)
-    if e["server"] == "vllm":
-        return ["vllm", "serve", model_path, "--served-model-name", e["served_name"], "--port", str(e["port"]),
+    if e.server is ModelServer.vllm:
+        return ["vllm", "serve", model_path, "--served-model-name", e.served_name, "--port", str(e.port),
                 "--tensor-parallel-size", tp, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    if e["server"] == "sglang":
-        return _py("sglang.launch_server", "--model-path", model_path, "--served-model-name", e["served_name"],
-                   "--port", str(e["port"]), "--tp", tp, "--tool-call-parser", "qwen25")
-    raise ConfigError(f"eval.server: expected 'sglang' or 'vllm', got {e['server']!r}")
+    return _py("sglang.launch_server", "--model-path", model_path, "--served-model-name", e.served_name,
+               "--port", str(e.port), "--tp", tp, "--tool-call-parser", "qwen25")
+
+
+def model_server_url(exp: Experiment) -> str:
+    """What the evaluation waits for before it starts: the model server's model list."""
+    return f"http://127.0.0.1:{exp.eval.port}/v1/models"
 
 
 def eval_command(exp: Experiment, output: str, sandbox_url: str, extra: Sequence[str] = ()) -> list[str]:
     e = exp.eval
-    return _py("recipe.retool.eval_aime24_standalone", "--model", e["served_name"], "--output", output,
-               "--base-url", f"http://127.0.0.1:{e['port']}/v1", "--sandbox-url", sandbox_url,
-               "--data", f"{DATA_DIR}/rl/aime24.parquet", *map(str, [*e["args"], *extra]))
+    return _py("recipe.retool.eval_aime24_standalone", "--model", e.served_name, "--output", output,
+               "--base-url", f"http://127.0.0.1:{e.port}/v1", "--sandbox-url", sandbox_url,
+               "--data", f"{DATA_DIR}/rl/aime24.parquet", *e.args, *map(str, extra))
 
 
 def merge_command(step_dir: Path) -> list[str]:
@@ -223,7 +353,7 @@ def list_checkpoints(root: str | Path = CKPT_DIR) -> list[dict[str, Any]]:
         for exp_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
             for step_dir in sorted((p for p in exp_dir.iterdir() if STEP_DIR.match(p.name)),
                                    key=lambda p: int(p.name.split("_")[-1])):
-                info_path = step_dir / "checkpoint_info.json"
+                info_path = step_dir / CHECKPOINT_INFO
                 info = json.loads(info_path.read_text()) if info_path.exists() else {}
                 out.append({"stage": stage_dir.name.split("-")[0], "experiment": exp_dir.name,
                             "step": int(step_dir.name.split("_")[-1]), "path": str(step_dir),
@@ -232,37 +362,62 @@ def list_checkpoints(root: str | Path = CKPT_DIR) -> list[dict[str, Any]]:
     return out
 
 
-def config_hash(config_name: str, overrides: Sequence[str]) -> str:
-    """Hash of the recipe YAMLs plus the overrides: two runs with the same hash ran the same config."""
+def config_hash(config_name: str, overrides: Sequence[str], gpus: int, nodes: int) -> str:
+    """Hash of the recipe YAMLs, the overrides and the GPU and node counts: two runs with the same
+    hash ran the same config on the same number of GPUs (batch sizes per GPU depend on it)."""
     from recipe.retool import CONFIG_DIR
 
     h = hashlib.sha256()
     for f in sorted(CONFIG_DIR.rglob("*.yaml")):
         h.update(f.name.encode() + f.read_bytes())
-    h.update(json.dumps([config_name, *overrides]).encode())
+    h.update(json.dumps([config_name, *overrides, {"gpus": gpus, "nodes": nodes}]).encode())
     return h.hexdigest()[:16]
 
 
-def write_checkpoint_info(exp_dir: str | Path, stage: str, base_model: str, data: str, config_name: str,
-                          overrides: Sequence[str]) -> list[Path]:
-    """Describe each new ``global_step_N`` of a run (stage, step, base model, data, config hash, time)."""
+CHECKPOINT_INFO = "checkpoint_info.json"  # in each global_step_N: which run saved it
+RUN_INFO = "run_info.json"  # in the experiment directory: the run that is saving steps now
+
+
+def run_info(exp: Experiment, stage: str, command: Sequence[str], base_model: str) -> dict[str, Any]:
+    """What a training run is, read from the exact command it runs: config, every override (the
+    resource ones included), GPUs and nodes, base model, data, and the hash of all of it."""
+    i = list(command).index("--config")
+    config_name, overrides = command[i + 1], [str(a) for a in command[i + 2:]]
+    return {"stage": stage, "experimenter": exp.experimenter, "experiment": exp.experiment,
+            "base_model": base_model, "data": DATA_DIR, "config": config_name, "overrides": overrides,
+            "gpu": exp.gpu, "gpus": exp.gpus, "nodes": exp.nodes,
+            "config_hash": config_hash(config_name, overrides, exp.gpus, exp.nodes),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def start_run(exp_dir: str | Path, info: dict[str, Any]) -> list[Path]:
+    """Before a run: record it in ``EXP_DIR/run_info.json``. Steps an earlier run saved but did not
+    describe (it was pre-empted) are first described with *that* run's record, so they never get
+    this run's metadata. Returns the info files written for such steps."""
+    exp_dir = Path(exp_dir)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    written = stamp_checkpoints(exp_dir)
+    (exp_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    return written
+
+
+def stamp_checkpoints(exp_dir: str | Path) -> list[Path]:
+    """Give each ``global_step_N`` without an info file the record of the run that saved it (the
+    one in ``run_info.json``). Called when a run ends, and by :func:`start_run` for a pre-empted one."""
     from recipe.retool.train import STEP_DIR
 
-    written = []
     exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        return written
-    digest = config_hash(config_name, overrides)
-    for step_dir in exp_dir.iterdir():
+    run = exp_dir / RUN_INFO
+    if not run.is_file():
+        return []
+    info = json.loads(run.read_text())
+    written = []
+    for step_dir in sorted(exp_dir.iterdir()):
         m = STEP_DIR.match(step_dir.name)
-        info = step_dir / "checkpoint_info.json"
-        if not m or info.exists():
-            continue
-        info.write_text(json.dumps({
-            "stage": stage, "step": int(m.group(1)), "base_model": base_model, "data": data,
-            "config": config_name, "overrides": list(overrides), "config_hash": digest,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
-        written.append(info)
+        target = step_dir / CHECKPOINT_INFO
+        if m and step_dir.is_dir() and not target.exists():
+            target.write_text(json.dumps({**info, "step": int(m.group(1))}, indent=2))
+            written.append(target)
     return written
 
 
@@ -294,34 +449,55 @@ def redact(text: str, secrets: dict[str, str]) -> str:
     return text
 
 
+def container_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment the Modal functions get from the local shell: the experiment names, so paths
+    computed inside the containers (from the re-imported config) match the volumes named locally."""
+    return {env: environ[env] for env in FORWARDED_ENV if environ.get(env)}
+
+
+def image_requirements(exp: Experiment) -> list[str]:
+    """What the Modal image installs, in one resolve: the recipe's own requirements and the GPU set
+    of ``image.engine`` (exactly ``pip install -e ".[gpu]"`` / ``".[gpu-vllm]"``)."""
+    return [*read_requirements(CORE_REQUIREMENTS), *read_requirements(exp.gpu_requirements)]
+
+
+def read_requirements(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def smoke_experiment(exp: Experiment) -> Experiment:
+    """The experiment as the ``smoke`` function runs it: one GPU, the smoke model, the bundled samples."""
+    return replace(exp, gpus=1, nodes=1, model=exp.smoke.model, data=replace(exp.data, sample=True))
+
+
 def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
     """Every Modal function: its commands and resources (what ``--dry-run`` prints)."""
     gpu = f"{exp.gpu}:{exp.gpus}"
     t = exp.timeouts
-    sandbox_url = exp.sandbox["url"] or f"<deployed {exp.sandbox['app_name']} URL>"
+    sandbox_url = exp.sandbox.url or f"<deployed {exp.sandbox.app_name} URL>"
     eval_out = f"{CKPT_DIR}/eval/{exp.experiment}/<checkpoint>.json"
-    smoke_exp = Experiment(**{**asdict(exp), "gpus": 1, "model": exp.smoke["model"],
-                              "data": {**exp.data, "sample": True}})
+    smoke_exp = smoke_experiment(exp)
     return {
-        "prep_dataset": {"gpu": None, "timeout": t["prep"], "commands": prep_commands(exp)},
-        "download_model": {"gpu": None, "timeout": t["download"],
+        "prep_dataset": {"gpu": None, "timeout": t.prep, "commands": prep_commands(exp)},
+        "download_model": {"gpu": None, "timeout": t.download,
                            "commands": [_py("recipe.retool.launcher", "--download", exp.model, model_dir(exp.model))]},
-        "train": {"gpu": gpu, "nodes": exp.nodes, "timeout": t["sft"], "commands": [sft_command(exp)]},
-        "train_grpo": {"gpu": gpu, "timeout": t["grpo"], "commands": [grpo_command(exp)],
+        "train": {"gpu": gpu, "nodes": exp.nodes, "timeout": t.sft, "commands": [sft_command(exp)]},
+        "train_grpo": {"gpu": gpu, "timeout": t.grpo, "commands": [grpo_command(exp)],
                        "env": {"RETOOL_SANDBOX_URL": sandbox_url}},
-        "evaluate": {"gpu": gpu, "timeout": t["eval"],
+        "evaluate": {"gpu": gpu, "timeout": t.eval,
                      "commands": [serve_command(exp, "<checkpoint>/merged_hf"), eval_command(exp, eval_out, sandbox_url)]},
-        "pipeline": {"gpu": None, "timeout": t["sft"] + t["grpo"] + t["eval"],
+        "pipeline": {"gpu": None, "timeout": t.sft + t.grpo + t.eval,
                      "commands": [["train"], ["train_grpo"], ["evaluate"]]},
         "list_checkpoints": {"gpu": None, "timeout": 300, "commands": []},
         "merge_checkpoint": {"gpu": None, "timeout": 3600,
                              "commands": [merge_command(Path(f"{CKPT_DIR}/<stage>-experiments/<exp>/global_step_<N>"))]},
         "check_sandbox_connection": {"gpu": None, "timeout": 300, "commands": [], "sandbox_url": sandbox_url},
-        "smoke": {"gpu": f"{exp.gpu}:1", "timeout": t["smoke"], "commands": [
+        "smoke": {"gpu": f"{exp.gpu}:1", "timeout": t.smoke, "commands": [
             *prep_commands(smoke_exp),
-            sft_command(smoke_exp, model_dir(smoke_exp.model), smoke_exp.smoke["sft_overrides"]),
-            grpo_command(smoke_exp, None, smoke_exp.smoke["grpo_overrides"]),
-            eval_command(smoke_exp, f"{CKPT_DIR}/eval/smoke.json", sandbox_url, smoke_exp.smoke["eval_args"])]},
+            sft_command(smoke_exp, model_dir(smoke_exp.model), smoke_exp.smoke.sft_overrides),
+            grpo_command(smoke_exp, None, smoke_exp.smoke.grpo_overrides),
+            eval_command(smoke_exp, f"{CKPT_DIR}/eval/smoke.json", sandbox_url, smoke_exp.smoke.eval_args)]},
         "list_models": {"gpu": None, "timeout": 300, "commands": []},
     }
 
@@ -348,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         exp = load_experiment(args.config, args.overrides)
     except ConfigError as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"experiment {exp.experimenter}/{exp.experiment}; volumes {volume_names(exp)}")
     for name, item in plan(exp).items():

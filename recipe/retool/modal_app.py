@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import modal
@@ -29,6 +28,11 @@ from recipe.retool import launcher
 
 REPO = launcher.REPO_ROOT
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
+# RETOOL_EXPERIMENTER / RETOOL_EXPERIMENT from the local shell, set again in every container (where
+# this file is imported once more), so that paths computed there name the same experiment. Computed
+# from the environment alone, not under modal.is_local(): in the container the same variables give the
+# same value, and Modal refuses a function whose secrets (env) differ from the deployed definition.
+ENV = launcher.container_env(os.environ)
 VOLUME_NAMES = launcher.volume_names(EXP)
 GPU = f"{EXP.gpu}:{EXP.gpus}"
 T = EXP.timeouts
@@ -46,12 +50,13 @@ _SECRETS = launcher.load_env(REPO / ".env") if modal.is_local() else {}
 SECRETS = [modal.Secret.from_dict(_SECRETS)]
 
 _image = (
-    modal.Image.from_registry(EXP.image["base"], add_python=EXP.image["python"])
+    modal.Image.from_registry(EXP.image.base, add_python=EXP.image.python)
     .apt_install("git", "build-essential", "curl")
-    .pip_install_from_requirements(str(EXP.gpu_requirements))  # setup.py's `gpu` / `gpu-vllm` extra
+    # recipe/retool/requirements.txt + the engine's GPU set, one resolve: `pip install -e ".[gpu]"`
+    .pip_install(*launcher.image_requirements(EXP))
 )
-if EXP.image.get("flash_attn_wheel"):
-    _image = _image.pip_install(EXP.image["flash_attn_wheel"])
+if EXP.image.flash_attn_wheel:
+    _image = _image.pip_install(EXP.image.flash_attn_wheel)
 _config = Path(os.environ.get("RETOOL_MODAL_CONFIG") or launcher.DEFAULT_CONFIG).resolve()
 image = (
     _image.env({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": f"{launcher.MODELS_DIR}/hf-cache",
@@ -90,9 +95,9 @@ def _commit() -> None:
 
 
 def _sandbox_url() -> str:
-    if EXP.sandbox["url"]:
-        return EXP.sandbox["url"]
-    fn = modal.Function.from_name(EXP.sandbox["app_name"], EXP.sandbox["function"])
+    if EXP.sandbox.url:
+        return EXP.sandbox.url
+    fn = modal.Function.from_name(EXP.sandbox.app_name, EXP.sandbox.function)
     return fn.get_web_url()
 
 
@@ -104,13 +109,13 @@ def _ensure_model(model_id: str) -> str:
     return path
 
 
-@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, timeout=T["download"])
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, timeout=T.download)
 def download_model(model: str = EXP.model) -> str:
     _reload()
     return _ensure_model(model)
 
 
-@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, timeout=T["prep"], cpu=16)
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, timeout=T.prep, cpu=16)
 def prep_dataset() -> None:
     _reload()
     tokenizer = _ensure_model(EXP.model)
@@ -118,43 +123,57 @@ def prep_dataset() -> None:
     _commit()
 
 
+def _train(stage: str, cmd: list[str], exp_dir: str, base_model: str, env: dict[str, str] | None = None,
+           record: bool = True, exp: launcher.Experiment = EXP) -> None:
+    """One training run, described before it starts: ``run_info.json`` is written (and committed)
+    first, so the steps it saves get its record even if the container is pre-empted; steps left by
+    an earlier pre-empted run get that run's record. ``record``: False on the other nodes of a cluster
+    (each node still commits the shards it wrote)."""
+    if record:
+        launcher.start_run(exp_dir, launcher.run_info(exp, stage, cmd, base_model))
+        checkpoints_volume.commit()
+    try:
+        _run([cmd], env=env)
+    finally:
+        if record:
+            launcher.stamp_checkpoints(exp_dir)
+        _commit()
+
+
 def _train_sft(extra: list[str] | None = None) -> None:
     _reload()
+    rank = 0
     if EXP.nodes > 1:
         info = modal.experimental.get_cluster_info()
+        rank = info.rank
         os.environ.update(NODE_RANK=str(info.rank), MASTER_ADDR=info.container_ips[0], MASTER_PORT="29500")
     model = _ensure_model(EXP.model)
-    cmd = launcher.sft_command(EXP, model, extra or [])
-    _run([cmd])
-    launcher.write_checkpoint_info(launcher.sft_checkpoint_root(EXP), "sft", EXP.model, launcher.DATA_DIR,
-                                   EXP.sft["config"], EXP.sft["overrides"])
-    _commit()
+    _train("sft", launcher.sft_command(EXP, model, extra or []), launcher.sft_checkpoint_root(EXP), EXP.model,
+           record=rank == 0)
 
 
 if EXP.nodes > 1:  # multi-node SFT: a Modal cluster, one container per node, torchrun across them
-    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["sft"], name="train")(
-        modal.experimental.clustered(size=EXP.nodes)(_train_sft))
+    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
+                         name="train")(modal.experimental.clustered(size=EXP.nodes)(_train_sft))
 else:
-    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["sft"], name="train")(
-        _train_sft)
+    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
+                         name="train")(_train_sft)
 
 
 def _train_grpo(sft_checkpoint: str | None = None, extra: list[str] | None = None) -> None:
     _reload()
     cmd = launcher.grpo_command(EXP, sft_checkpoint, extra or [])
-    _run([cmd], env={"RETOOL_SANDBOX_URL": _sandbox_url()})
-    launcher.write_checkpoint_info(f"{launcher.CKPT_DIR}/grpo-experiments/{EXP.grpo_name}", "grpo",
-                                   sft_checkpoint or launcher.sft_checkpoint_root(EXP), launcher.DATA_DIR,
-                                   EXP.grpo["config"], EXP.grpo["overrides"])
-    _commit()
+    _train("grpo", cmd, launcher.grpo_checkpoint_root(EXP),
+           sft_checkpoint or EXP.grpo.sft_checkpoint or launcher.sft_checkpoint_root(EXP),
+           env={"RETOOL_SANDBOX_URL": _sandbox_url()})
 
 
-@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["grpo"])
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.grpo)
 def train_grpo(sft_checkpoint: str = "") -> None:
     _train_grpo(sft_checkpoint or None)
 
 
-@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["grpo"])
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.grpo)
 def train_dapo(sft_checkpoint: str = "") -> None:
     """Alias of train_grpo (the RL data is DAPO-Math-17k)."""
     _train_grpo(sft_checkpoint or None)
@@ -170,8 +189,7 @@ def _latest_checkpoint() -> str:
 
 
 def _serve_and_evaluate(checkpoint: str, gpus: int, extra: list[str]) -> None:
-    import httpx
-
+    from recipe.retool.sandbox.local import stop_process, wait_until_healthy
     from recipe.retool.train import resolve_model
 
     resolved = resolve_model(checkpoint)
@@ -179,31 +197,24 @@ def _serve_and_evaluate(checkpoint: str, gpus: int, extra: list[str]) -> None:
         _run([resolved.merge_command()])
     server = subprocess.Popen(launcher.serve_command(EXP, resolved.path, gpus))
     try:
-        url = f"http://127.0.0.1:{EXP.eval['port']}/v1/models"
-        for _ in range(1800):
-            if server.poll() is not None:
-                raise RuntimeError(f"model server exited with {server.returncode}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
+        # raises (and the evaluation does not run) if the server exits or does not answer 200 in time
+        wait_until_healthy(launcher.model_server_url(EXP), EXP.eval.server_start_timeout, server, "model server",
+                           interval=2)
         name = Path(checkpoint).name if "global_step" in checkpoint else Path(resolved.path).name
         output = f"{launcher.CKPT_DIR}/eval/{EXP.experiment}/{name}.json"
         _run([launcher.eval_command(EXP, output, _sandbox_url(), extra)])
     finally:
-        server.terminate()
-        server.wait(60)
+        stop_process(server, grace=60)
     _commit()
 
 
-@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=GPU, timeout=T["eval"])
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.eval)
 def evaluate(checkpoint: str = "") -> None:
     _reload()
-    _serve_and_evaluate(checkpoint or EXP.eval["checkpoint"] or _latest_checkpoint(), EXP.gpus, [])
+    _serve_and_evaluate(checkpoint or EXP.eval.checkpoint or _latest_checkpoint(), EXP.gpus, [])
 
 
-@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, timeout=T["sft"] + T["grpo"] + T["eval"])
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, timeout=T.sft + T.grpo + T.eval)
 def pipeline() -> None:
     """SFT → GRPO → evaluation, chained (each stage on its own GPU containers)."""
     train.remote()
@@ -211,7 +222,7 @@ def pipeline() -> None:
     evaluate.remote()
 
 
-@app.function(image=image, volumes=VOLUMES, timeout=300)
+@app.function(image=image, volumes=VOLUMES, env=ENV, timeout=300)
 def list_checkpoints() -> list[dict]:
     _reload()
     rows = launcher.list_checkpoints()
@@ -220,7 +231,7 @@ def list_checkpoints() -> list[dict]:
     return rows
 
 
-@app.function(image=image, volumes=VOLUMES, timeout=3600, cpu=8, memory=65536)
+@app.function(image=image, volumes=VOLUMES, env=ENV, timeout=3600, cpu=8, memory=65536)
 def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str:
     _reload()
     step_dir = Path(launcher.CKPT_DIR) / f"{stage}-experiments" / experiment_name / f"global_step_{step}"
@@ -231,7 +242,7 @@ def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str
     return str(step_dir)
 
 
-@app.function(image=image, timeout=300)
+@app.function(image=image, env=ENV, timeout=300)
 def check_sandbox_connection() -> dict:
     import asyncio
 
@@ -254,23 +265,24 @@ def check_sandbox_connection() -> dict:
     return report
 
 
-@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, gpu=f"{EXP.gpu}:1", timeout=T["smoke"])
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=f"{EXP.gpu}:1", timeout=T.smoke)
 def smoke() -> None:
     """The smallest end-to-end run on one GPU: a handful of steps of each stage (see config/modal/smoke.yaml)."""
     _reload()
     plan = launcher.plan(EXP)["smoke"]["commands"]
-    model = _ensure_model(EXP.smoke["model"])
+    exp = launcher.smoke_experiment(EXP)
+    model = _ensure_model(exp.model)
     prep, sft, grpo, evaluation = plan[:-3], plan[-3], plan[-2], plan[-1]
     _run(prep)
-    _run([sft])
-    _run([grpo], env={"RETOOL_SANDBOX_URL": _sandbox_url()})
-    _commit()
+    _train("sft", sft, launcher.sft_checkpoint_root(exp), exp.model, exp=exp)
+    _train("grpo", grpo, launcher.grpo_checkpoint_root(exp), launcher.sft_checkpoint_root(exp),
+           env={"RETOOL_SANDBOX_URL": _sandbox_url()}, exp=exp)
     latest = max((c for c in launcher.list_checkpoints() if c["experiment"] == f"{EXP.experiment}-grpo"),
                  key=lambda c: c["step"], default=None)
     _serve_and_evaluate(latest["path"] if latest else model, 1, [str(a) for a in evaluation[evaluation.index("--data") + 2:]])
 
 
-@app.function(image=image, volumes=VOLUMES, timeout=300)
+@app.function(image=image, volumes=VOLUMES, env=ENV, timeout=300)
 def list_models() -> list[str]:
     _reload()
     names = sorted(p.name for p in Path(launcher.MODELS_DIR).iterdir() if (p / "config.json").exists())

@@ -20,23 +20,24 @@ from recipe.retool import launcher
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
 S = EXP.sandbox
 
-app = modal.App(S["app_name"])
+app = modal.App(S.app_name)
 
 image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install("fastapi", "uvicorn", "uvloop", "httptools", "pydantic>=2", "aiohttp", "pyyaml", "python-dotenv",
+                 "omegaconf>=2.3",  # the launcher's typed experiment config, read when this file is imported
                  # what model-written snippets import; preloaded and warmed in every worker
                  "sympy", "numpy", "scipy", "networkx", "mpmath")
     .add_local_python_source("recipe")
 )
 
 
-@app.function(image=image, cpu=S["cpu"], memory=S["memory_mb"], max_containers=S["max_containers"],
-              scaledown_window=300, timeout=3600, name=S["function"])
-@modal.concurrent(max_inputs=S["concurrency"])
+@app.function(image=image, cpu=S.cpu, memory=S.memory_mb, max_containers=S.max_containers,
+              scaledown_window=300, timeout=3600, name=S.function)
+@modal.concurrent(max_inputs=S.concurrency)
 @modal.asgi_app()
 def sandbox():
     from recipe.retool.sandbox.pool import SandboxConfig
     from recipe.retool.sandbox.server import create_app
 
-    return create_app(SandboxConfig(workers=S["workers"], allow_unsafe=S["allow_unsafe"]))
+    return create_app(SandboxConfig(workers=S.workers, allow_unsafe=S.allow_unsafe))

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -54,6 +55,13 @@ class StageResult:
     detail: str = ""
     figures: dict[str, object] = field(default_factory=dict)
 
+    def headline(self) -> str:
+        """The console line: the detail's first line, complete on its own."""
+        lines = self.detail.strip().splitlines()
+        first = lines[0].rstrip(" :") if lines else ""
+        more = " (more in report.md)" if len(lines) > 1 and "report" not in first else ""
+        return f"[{self.name}] {self.status}" + (f": {first}{more}" if first else "")
+
 
 def gpu_count() -> int:
     try:
@@ -74,20 +82,24 @@ def stage_data(out: Path, hub: bool) -> tuple[StageResult, dict[str, Path]]:
                        figures), outputs
 
 
-def stage_prefilter(out: Path, raw: dict[str, Path], tokenizer: str) -> StageResult:
+def stage_prefilter(out: Path, raw: dict[str, Path], tokenizer: str, stand_in: bool = False) -> StageResult:
     from recipe.retool.prefilter_dataset import prefilter
 
     figures = {}
+    record = out / "data" / "prefilter.json"  # which tokenizer filtered the cached files
+    same_tokenizer = record.exists() and json.loads(record.read_text()).get("tokenizer") == tokenizer
     for name, src in raw.items():
         dst = out / "data" / src.relative_to(out / "data_raw")
-        if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        if same_tokenizer and dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
             import pandas as pd
 
             figures[name] = f"{len(pd.read_parquet(dst))} kept (cached)"
             continue
         res = prefilter(src, dst, tokenizer, progress=False)
         figures[name] = f"{res.kept} kept, {res.dropped} dropped, prompt p50 {int(sorted(res.prompt_lengths)[len(res.prompt_lengths) // 2])} tok"
-    return StageResult("prefilter", "done", f"tokenizer {tokenizer} → {out / 'data'}", figures)
+    record.write_text(json.dumps({"tokenizer": tokenizer, "stand_in": stand_in}))
+    which = f"the offline stand-in tokenizer ({tokenizer})" if stand_in else f"tokenizer {tokenizer}"
+    return StageResult("prefilter", "done", f"{which} → {out / 'data'}", figures)
 
 
 def stage_sandbox(sandbox: LocalSandbox) -> StageResult:
@@ -109,15 +121,31 @@ def stage_sandbox(sandbox: LocalSandbox) -> StageResult:
     return StageResult("sandbox", "done", f"local server at {sandbox.url}, {len(results)} smoke runs correct", figures)
 
 
-def stage_train(stage: str, model: str, data_dir: Path, out: Path, gpus: int) -> StageResult:
+SANDBOX_PORT = 8080  # the port the printed GPU commands start a sandbox on
+
+
+def _launched(verl_command: str) -> str:
+    """The head of the verl command train.py launches, up to the module (``torchrun … -m verl.…``)."""
+    words = shlex.split(verl_command)
+    return shlex.join(words[: words.index("-m") + 2]) + " …" if "-m" in words else verl_command
+
+
+def stage_train(stage: str, model: str, data_dir: Path, out: Path, gpus: int, sandbox_url: str,
+                base_model: str, data_note: str = "") -> StageResult:
+    """SFT or GRPO through ``recipe.retool.train``: its config checked with ``--dry-run``, then run
+    when the machine can; otherwise skipped, with the exact commands a GPU machine would run.
+
+    GRPO's ``model`` is the SFT output; when SFT has not run (no GPU) the config is checked with
+    ``base_model`` in its place, and the printed command still trains from the SFT output."""
     args = [stage, model, str(data_dir), str(out / "checkpoints"), f"demo-{stage}"]
     if gpus:
         args.append(f"trainer.n_gpus_per_node={gpus}")
-    dry = subprocess.run([sys.executable, "-m", "recipe.retool.train", *args, "--dry-run"],
+    check_args = [stage, base_model, *args[2:]] if stage == "grpo" and not Path(model).exists() else args
+    dry = subprocess.run([sys.executable, "-m", "recipe.retool.train", *check_args, "--dry-run"],
                          capture_output=True, text=True)
     if dry.returncode != 0:
-        return StageResult(stage, "failed", f"config does not compose: {dry.stderr.strip()[-500:]}")
-    command = dry.stdout.split("# command\n")[-1].strip()
+        return StageResult(stage, "failed", f"config does not pass train.py's check: {dry.stderr.strip()[-500:]}")
+    launched = _launched(dry.stdout.split("# command\n")[-1].strip())
     missing = []
     if not gpus:
         missing.append("a CUDA GPU")
@@ -127,10 +155,20 @@ def stage_train(stage: str, model: str, data_dir: Path, out: Path, gpus: int) ->
         if importlib.util.find_spec("sglang") is None:
             missing.append("SGLang (pip install -e '.[gpu]')")
     if missing:
-        return StageResult(stage, "skipped", f"needs {' and '.join(missing)}; a GPU machine would run:\n\n"
-                           f"```\n{command}\n```")
-    rc = subprocess.call([sys.executable, "-m", "recipe.retool.train", *args])
-    return StageResult(stage, "done" if rc == 0 else "failed", f"exit code {rc}: `{command}`")
+        lines = ["python -m recipe.retool.train " + shlex.join(args)]
+        if stage == "grpo":  # our code tool calls a sandbox: start one, and tell the trainer where it is
+            lines = [f"python -m recipe.retool.sandbox serve --port {SANDBOX_PORT} &",
+                     f"RETOOL_SANDBOX_URL=http://127.0.0.1:{SANDBOX_PORT} " + lines[0]]
+        origin = (f"GRPO starts from the SFT output ({model}), which the SFT command writes. "
+                  if stage == "grpo" else "")
+        return StageResult(stage, "skipped", f"needs {' and '.join(missing)}; the commands for a GPU machine are in "
+                           f"the report\n\n```\n" + "\n".join(lines) + f"\n```\n\n{origin}train.py checked the "
+                           f"config (--dry-run) and launches `{launched}`.{data_note}")
+    if stage == "grpo" and not Path(model).exists():
+        return StageResult(stage, "skipped", f"needs the SFT output {model}, which the SFT stage did not write")
+    env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox_url} if stage == "grpo" else None
+    rc = subprocess.call([sys.executable, "-m", "recipe.retool.train", *args], env=env)
+    return StageResult(stage, "done" if rc == 0 else "failed", f"exit code {rc}: `{launched}`{data_note}")
 
 
 def stage_eval(base_url: str | None, model: str | None, data: Path, sandbox_url: str, out: Path,
@@ -199,23 +237,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(r: StageResult) -> None:
         results.append(r)
-        print(f"[{r.name}] {r.status}: {r.detail.splitlines()[0] if r.detail else ''}", flush=True)
+        print(r.headline(), flush=True)
 
     res, raw = stage_data(out, hub=not args.sample)
     show(res)
     tokenizer = args.tokenizer
+    data_note = ""
     if tokenizer is None:
         from recipe.retool.dev.tokenizer import save_dev_tokenizer
 
         tokenizer = str(save_dev_tokenizer(out / "dev_tokenizer"))
-    show(stage_prefilter(out, raw, tokenizer))
+        data_note = (f"\n\nNote: {out / 'data'} was length-filtered with the offline stand-in tokenizer, not "
+                     f"{args.model}'s: before training on it, rerun with `--tokenizer {args.model}` (or run "
+                     f"`python -m recipe.retool.prefilter_dataset` with it).")
+    show(stage_prefilter(out, raw, tokenizer, stand_in=args.tokenizer is None))
     sandbox = LocalSandbox()
     try:
         show(stage_sandbox(sandbox))
         gpus = gpu_count()
-        show(stage_train("sft", args.model, out / "data", out, gpus))
+        show(stage_train("sft", args.model, out / "data", out, gpus, sandbox.url, args.model, data_note))
         sft_out = out / "checkpoints" / "sft-experiments" / "demo-sft"
-        show(stage_train("grpo", str(sft_out) if sft_out.exists() else args.model, out / "data", out, gpus))
+        show(stage_train("grpo", str(sft_out), out / "data", out, gpus, sandbox.url, args.model, data_note))
         show(stage_eval(args.base_url, args.model if args.base_url else None, out / "data" / "rl" / "aime24.parquet",
                         sandbox.url, out, args.eval_samples))
     finally:

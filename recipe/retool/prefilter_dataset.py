@@ -62,10 +62,58 @@ class FilterResult:
         )
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, local_files_only: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True, local_files_only=local_files_only)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached at all (its host does not resolve), else None."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host} does not resolve: {exc}"
+    return None
+
+
+def check_tokenizer(name_or_path: str) -> None:
+    """Load the tokenizer once here, before any worker starts, and turn a failure into one line.
+
+    Without this every worker process fails on its own (a traceback each, then the pool breaks), and
+    a hub id that cannot be reached is retried by every worker in turn."""
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--tokenizer {name_or_path}: expected a tokenizer directory or a Hugging Face id, got a file")
+    if not path.exists() and looks_local:
+        raise DataError(f"--tokenizer {name_or_path}: no such directory")
+    try:
+        if path.exists():
+            load_tokenizer(name_or_path)
+            return
+        try:  # a hub id already in the local cache needs no network
+            load_tokenizer(name_or_path, local_files_only=True)
+            return
+        except Exception:
+            if (why := _hub_unreachable()) is not None:
+                raise DataError(f"--tokenizer {name_or_path}: not a local directory, not in the Hugging Face cache, "
+                                f"and the hub cannot be reached ({why})") from None
+        load_tokenizer(name_or_path)
+    except DataError:
+        raise
+    except Exception as exc:
+        where = "a local directory" if path.exists() else "not a local directory; as a Hugging Face id"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({where}: {reason})") from None
 
 
 def _init_worker(tokenizer_path: str, tools: list[dict[str, Any]] | None) -> None:
@@ -183,6 +231,7 @@ def prefilter(
     import pandas as pd
 
     start = time.perf_counter()
+    check_tokenizer(tokenizer)
     try:
         df = pd.read_parquet(input_path)
     except Exception as exc:

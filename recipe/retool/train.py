@@ -5,8 +5,10 @@
 
 Hyperparameters live in ``recipe/retool/config/*.yaml`` only; this module adds the paths
 (``retool.model_path`` etc.) and passes every trailing ``key=value`` / ``+key=value`` to verl
-unchanged. The config is composed with Hydra here first (so a typo fails before any GPU is
-touched), and ``--dry-run`` prints the resolved config and the exact command instead of running.
+unchanged. The config is composed with Hydra here first and checked against verl's own schema
+(:mod:`recipe.retool.config_check`: keys verl would not read, values of the wrong type, loggers that
+are not installed, data files that do not exist), so a mistake fails before any GPU is touched;
+``--dry-run`` runs the same checks, then prints the resolved config and the exact command.
 
 For GRPO, SFT_MODEL may be a Hugging Face model (id or directory) or an SFT checkpoint root: the
 latest ``global_step_N`` is picked and, when it holds only FSDP shards, merged to Hugging Face
@@ -16,6 +18,7 @@ format with verl's model merger (once; the merged copy is reused).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shlex
@@ -26,6 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
+from recipe.retool.config_check import (
+    EXTENSION_KEYS,
+    data_problems,
+    has_path,
+    interpolated_paths,
+    logger_problems,
+    override_problems,
+    type_problems,
+)
 
 STAGES = {
     "sft": ("retool_sft", ["-m", "verl.trainer.sft_trainer"]),
@@ -56,11 +68,6 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path = 
         return hydra_compose(config_name=config_name, overrides=[SEARCHPATH, *overrides])
 
 
-# Keys our YAML may add that verl's schema does not declare (everything else must already exist).
-# (ray_kwargs.ray_init goes to ray.init() as keyword arguments and model.override_config to the
-# Hugging Face model config: their schemas are Ray's and transformers', not verl's.)
-EXTENSION_KEYS = ("retool.", "reward.custom_reward_function.reward_kwargs.", "ray_kwargs.ray_init.", "model.override_config.",
-                  "actor_rollout_ref.model.override_config.")
 BASE_CONFIG = {"sft_trainer_engine", "ppo_trainer"}
 
 
@@ -144,8 +151,64 @@ def _base_of(config_name: str, config_dir: Path) -> str | None:
     return None
 
 
+def yaml_chain(config_name: str, config_dir: Path = CONFIG_DIR) -> list[tuple[str, dict]]:
+    """Our YAML files behind a config, the config itself first, each with its own keys (plain dict)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(find_config(config_name, config_dir))
+    own = OmegaConf.to_container(OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "defaults"]))
+    chain = [(f"{config_name}.yaml", own)]
+    for parent in reversed([d for d in raw.get("defaults", []) if isinstance(d, str) and d != "_self_"]):
+        if parent not in BASE_CONFIG:
+            chain += yaml_chain(parent, config_dir)
+    return chain
+
+
+def check_config(config_name: str, config_dir: Path, overrides: Sequence[str], user_overrides: Sequence[str],
+                 data_dir: str) -> list[str]:
+    """Everything :mod:`recipe.retool.config_check` finds before a launch, one line per problem.
+
+    ``overrides`` is the whole list given to Hydra (paths first); ``user_overrides`` the part the
+    user typed, checked for keys verl will not read."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    problems = unknown_keys(config_name, config_dir)
+    if problems:
+        return problems
+    base = _base_of(config_name, config_dir) or "ppo_trainer"
+    reference = OmegaConf.to_container(compose_verl(base), resolve=True)
+    user = set(user_overrides)
+    paths_only = compose(config_name, [o for o in overrides if o not in user], config_dir)
+    problems = override_problems(user_overrides, OmegaConf.to_container(paths_only, resolve=True), reference, base)
+    if problems:
+        return problems
+    try:
+        composed = compose(config_name, overrides, config_dir)
+        cfg = OmegaConf.to_container(composed, resolve=True)
+    except (HydraException, OmegaConfBaseException) as exc:  # e.g. '+key' on a key that already exists
+        return [" ".join(str(exc).split())]
+    chain = yaml_chain(config_name, config_dir)
+
+    def origin(path: str) -> str:
+        for line in reversed(overrides):
+            key = line.split("=", 1)[0].lstrip("+~")
+            if path == key or path.startswith(key + "."):
+                return f"override '{line}'"
+        for name, own in chain:
+            if has_path(own, path):
+                return name
+        return f"verl's {base} config"
+
+    problems = type_problems(cfg, reference, origin, interpolated_paths(composed))
+    problems += logger_problems(list(cfg["trainer"].get("logger") or []), origin("trainer.logger"))
+    return problems + data_problems(cfg, data_dir)
+
+
+@functools.lru_cache(maxsize=4)
 def compose_verl(config_name: str):
-    """One of verl's own configs, untouched (the reference our keys are checked against)."""
+    """One of verl's own configs, untouched (the reference our keys are checked against; read-only)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -246,6 +309,12 @@ def environment(cfg, stage: str) -> dict[str, str]:
     return env
 
 
+def _verl_version() -> str:
+    from importlib.metadata import version
+
+    return version("verl")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recipe.retool.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,9 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [o for o in overrides if o]
     from omegaconf import OmegaConf
 
-    bad = unknown_keys(config_name, config_dir)
-    if bad:
-        print("error: config keys verl does not know:\n  " + "\n  ".join(bad), file=sys.stderr)
+    problems = check_config(config_name, config_dir, overrides, user_overrides, args.data_dir)
+    if problems:
+        print(f"error: the {args.stage} config does not pass the pre-launch check "
+              f"({config_name}, verl {_verl_version()}):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     cfg = compose(config_name, overrides, config_dir)
     cmd = build_command(args.stage, config_name, overrides, cfg, config_dir)

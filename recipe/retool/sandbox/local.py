@@ -15,10 +15,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "server") -> None:
+def wait_until_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "server",
+                       interval: float = 0.25) -> None:
     """Block until ``GET url`` answers 200; fail early if ``proc`` (the server's process) exits.
 
-    The one "wait until a server answers" loop of the project: sandbox, model servers, launchers.
+    Polls every ``interval`` seconds (after an error *and* after a non-200 answer) and raises
+    RuntimeError after ``timeout`` seconds, naming the last answer. The one "wait until a server
+    answers" loop of the project: sandbox, model servers, launchers, benchmarks.
     """
     import httpx
 
@@ -34,7 +37,7 @@ def wait_until_healthy(url: str, timeout: float, proc: subprocess.Popen | None =
             last = f"HTTP {resp.status_code}"
         except httpx.TransportError as exc:
             last = type(exc).__name__
-        time.sleep(0.25)
+        time.sleep(interval)
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s (last: {last})")
 
 
