@@ -1,6 +1,7 @@
 """Prove the SFT path on a GPU and measure it: verl's real SFT trainer with our config.
 
     python scripts/gpu_sft_proof.py --out OUT [--shape 0.5b] [--seq-len 4096] [--steps 6] [--gpus 1] [--sp 1]
+                                    [--attn auto|sdpa|retool_packed|flash_attention_2] [--pack N]
 
 1. measures the GPU's bf16 matmul peak (8192³, mean of 10 after warm-up);
 2. builds a Qwen2-architecture model with random weights at the given shape (no hub) and the
@@ -14,7 +15,13 @@
 5. resumes from that checkpoint for two more steps, and merges the last one to Hugging Face
    format with verl's model merger, loading the result to check it.
 
-Prints a JSON summary and writes it to OUT/summary.json. Needs verl 0.9.1 importable (see
+``--attn`` picks the attention (``auto``: flash_attention_2 with the flash-attn package, else SDPA);
+``--pack N`` lets a micro-batch hold N sequences (``data.max_token_len_per_gpu`` = N × length), which
+needs attention that respects sequence boundaries (``retool_packed`` or ``flash_attention_2``). Runs
+into the same OUT reuse its model and data (same weights, same conversations), each variant with its
+own checkpoint directory, so their per-step losses can be compared.
+
+Prints a JSON summary and writes it to OUT/summary-<shape>-<length>-<attn>-pack<N>.json. Needs verl 0.9.1 importable (see
 scripts/gpu_wheels.sh for machines without internet).
 """
 
@@ -62,6 +69,8 @@ def build_model(out: Path, shape: str) -> tuple[Path, int, tuple]:
     from recipe.retool.dev.tokenizer import build_dev_tokenizer
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    if (out / "config.json").exists():  # an earlier variant's model: same weights for a fair comparison
+        return out, _count_params(out), SHAPES[shape]
     tok = build_dev_tokenizer()
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=32768,
@@ -75,6 +84,14 @@ def build_model(out: Path, shape: str) -> tuple[Path, int, tuple]:
     del model
     torch.cuda.empty_cache()
     return out, n_params, SHAPES[shape]
+
+
+def _count_params(model_dir: Path) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters())
 
 
 def reference_step(model_dir: Path, seq_len: int, checkpointing: bool, attn: str) -> float | str:
@@ -118,6 +135,9 @@ def build_data(out: Path, tokenizer_dir: Path, seq_len: int, rows: int) -> Path:
 
     from recipe.retool.data import load_code_tool_schema, write_parquet
 
+    path = out / "sft" / "train.parquet"
+    if path.exists():  # an earlier variant's data
+        return path.parent.parent
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     schema = load_code_tool_schema()
     words = "we compute the sum of divisors then check the remainder modulo the prime and simplify".split()
@@ -135,25 +155,25 @@ def build_data(out: Path, tokenizer_dir: Path, seq_len: int, rows: int) -> Path:
                 break
         msgs.append({"role": "assistant", "content": f"The answer is \\boxed{{{i * 2}}}.", "tool_calls": []})
         out_rows.append({"messages": msgs, "tools": [schema], "data_source": "synthetic", "extra_info": {"index": i}})
-    path = out / "sft" / "train.parquet"
     write_parquet(out_rows, path)
     return path.parent.parent
 
 
 _STEP_LINE = re.compile(r"step:(\d+) - .*?train/global_tokens:(\d+)")
+_LOSS = re.compile(r"train/loss:([-\d.eE+]+)")
 
 
 def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch: int, log: Path,
-            extra: list[str], gpus: int = 1, sp: int = 1) -> dict:
+            extra: list[str], gpus: int = 1, sp: int = 1, pack: int = 1) -> dict:
     overrides = [
         f"trainer.n_gpus_per_node={gpus}", f"engine.ulysses_sequence_parallel_size={sp}", f"data.max_length={seq_len}",
-        f"data.max_token_len_per_gpu={seq_len}", f"data.train_batch_size={batch}", "data.micro_batch_size_per_gpu=1",
+        f"data.max_token_len_per_gpu={seq_len * pack}", f"data.train_batch_size={batch}", "data.micro_batch_size_per_gpu=1",
         f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}", "trainer.logger=[console]",
         "data.num_workers=2", *extra,
     ]
     cmd = [sys.executable, "-m", "recipe.retool.train", "sft", str(model), str(data), str(ckpt), "gpu-proof", *overrides]
     print("$", " ".join(cmd), flush=True)
-    times, tokens = {}, {}
+    times, tokens, losses = {}, {}, {}
     start = time.perf_counter()
     with log.open("a") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
         for line in p.stdout:
@@ -163,6 +183,8 @@ def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch
             if m:
                 step = int(m.group(1))
                 times[step], tokens[step] = time.perf_counter(), int(m.group(2))
+                if loss := _LOSS.search(line):
+                    losses[step] = float(loss.group(1))
                 print(f"  step {step}: {tokens[step]} tokens", flush=True)
     if p.returncode != 0:
         raise SystemExit(f"SFT failed with exit code {p.returncode}; log: {log}")
@@ -170,7 +192,7 @@ def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch
     steady = ordered[1:] if len(ordered) > 2 else ordered  # the first step includes warm-up
     dts = [times[s] - times[prev] for prev, s in zip(steady, steady[1:], strict=False)]
     toks = [tokens[s] for s in steady[1:]]
-    return {"steps_logged": ordered, "wall_s": time.perf_counter() - start,
+    return {"steps_logged": ordered, "wall_s": time.perf_counter() - start, "losses": losses,
             "step_time_s": sum(dts) / len(dts) if dts else None,
             "tokens_per_s": sum(toks) / sum(dts) if dts else None}
 
@@ -185,34 +207,46 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs on this machine to train on (FSDP across them)")
     p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel size")
     p.add_argument("--skip-resume", action="store_true")
+    p.add_argument("--skip-reference", action="store_true", help="no plain-PyTorch reference steps")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "retool_packed", "flash_attention_2"],
+                   help="attention implementation (auto: flash_attention_2 if flash-attn is installed, else sdpa)")
+    p.add_argument("--pack", type=int, default=1, help="sequences per micro-batch (needs retool_packed or flash_attention_2)")
     p.add_argument("--reference-only", action="store_true", help="only the plain-PyTorch reference step")
     p.add_argument("--extra", nargs="*", default=[], help="more verl overrides")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"shape": args.shape, "seq_len": args.seq_len, "batch": args.batch, "gpus": args.gpus, "sp": args.sp}
+    attn = args.attn
+    if attn == "auto":
+        try:
+            import flash_attn  # noqa: F401
+            attn = "flash_attention_2"
+        except ImportError:  # no flash-attn here: PyTorch SDPA (one sequence per micro-batch, so no cross-talk)
+            attn = "sdpa"
+    if args.pack > 1 and attn == "sdpa":
+        p.error("--pack > 1 needs attention that keeps sequences apart: --attn retool_packed or flash_attention_2")
+    summary: dict = {"shape": args.shape, "seq_len": args.seq_len, "batch": args.batch, "gpus": args.gpus, "sp": args.sp,
+                     "attn": attn, "pack": args.pack}
     summary["peak_bf16_tflops"] = round(measure_peak_tflops(), 1)
     model, n_params, (hidden, layers, *_rest) = build_model(out / f"model-{args.shape}", args.shape)
     summary["params"] = n_params
     data = build_data(out / f"data-{args.seq_len}", model, args.seq_len, rows=args.batch * (args.steps + 4))
     extra = list(args.extra)
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:  # no flash-attn here: PyTorch SDPA (one sequence per micro-batch, so no cross-talk)
-        extra.append("+model.override_config.attn_implementation=sdpa")
+    if attn != "flash_attention_2":  # verl's default
+        extra.append(f"+model.override_config.attn_implementation={attn}")
     summary["overrides"] = extra
-    attn = "flash_attention_2" if not any("sdpa" in e for e in extra) else "sdpa"
     summary["reference_tflops"] = {}
-    for c in (False, True):
-        tflops = reference_step(model, args.seq_len, c, attn)
+    for c in (() if args.skip_reference else (False, True)):
+        tflops = reference_step(model, args.seq_len, c, "sdpa" if attn == "retool_packed" else attn)
         summary["reference_tflops"][f"{attn}, checkpointing={c}"] = tflops if tflops == "oom" else round(tflops, 1)
     print("reference:", summary["reference_tflops"], flush=True)
     if args.reference_only:
         print(json.dumps(summary, indent=2))
         return
-    log = out / f"sft-{args.shape}-{args.seq_len}.log"
-    ckpt = out / "ckpt"
-    run = run_sft(model, data, ckpt, args.steps, args.seq_len, args.batch, log, extra, args.gpus, args.sp)
+    tag = f"{args.shape}-{args.seq_len}-{attn}-pack{args.pack}"
+    log = out / f"sft-{tag}.log"
+    ckpt = out / f"ckpt-{tag}"
+    run = run_sft(model, data, ckpt, args.steps, args.seq_len, args.batch, log, extra, args.gpus, args.sp, args.pack)
     summary["run"] = run
     if run["tokens_per_s"]:
         # training FLOPs per token: 6·N for the matmuls + 12·layers·hidden·seq for causal attention (fwd+bwd)
@@ -224,7 +258,8 @@ def main() -> None:
     exp_dir = ckpt / "sft-experiments" / "gpu-proof"
     summary["checkpoints"] = sorted(p.name for p in exp_dir.glob("global_step_*"))
     if not args.skip_resume:
-        resumed = run_sft(model, data, ckpt, args.steps + 2, args.seq_len, args.batch, log, extra, args.gpus, args.sp)
+        resumed = run_sft(model, data, ckpt, args.steps + 2, args.seq_len, args.batch, log, extra, args.gpus, args.sp,
+                          args.pack)
         summary["resume"] = {"steps_logged": resumed["steps_logged"],
                              "resumed_from_checkpoint": min(resumed["steps_logged"] or [0]) == args.steps + 1}
         last = exp_dir / f"global_step_{args.steps + 2}"
@@ -236,7 +271,7 @@ def main() -> None:
         m = AutoModelForCausalLM.from_pretrained(str(merged))
         summary["merged"] = {"path": str(merged), "params": sum(p.numel() for p in m.parameters()),
                              "matches": sum(p.numel() for p in m.parameters()) == n_params}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
 
