@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 
@@ -250,3 +251,319 @@ def test_concurrent_mixed_requests_are_all_answered_correctly(sandbox_server, n)
             assert body["status"] == "Success" and rr["stdout"] == f"in{i}\n"
         else:
             assert body["status"] == "Failed" and rr["status"] == "TimeLimitExceeded"
+
+
+# ----------------------------------------------------------------------------- hardening
+# One attack (or more) per hole of the "Sandbox hardening" issue; each of these failed before it.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def post_raw(server, body: bytes, timeout: float = 30, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(server.url + "/run_code", content=body, timeout=timeout,
+                      headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def test_fetch_files_cannot_read_outside_the_work_dir_even_while_a_daemon_swaps_paths(sandbox_server, tmp_path):
+    """Class 1: a daemon left by the snippet flips a directory into a symlink while files are fetched."""
+    secret = "root-only-" + os.urandom(8).hex()
+    target = f"/var/tmp/retool-secret-{os.getpid()}"
+    with open(target, "w") as fh:
+        fh.write(secret)
+    os.chmod(target, 0o600)
+    name = os.path.basename(target)
+    code = ("import os\nos.mkdir('d')\nopen('d/%s', 'w').write('harmless')\nos.symlink('/var/tmp', 'link')\n"
+            "if os.fork() == 0:\n    os.setsid()\n    while True:\n        try:\n"
+            "            os.rename('d', 'real'); os.symlink('/var/tmp', 'd'); os.unlink('d'); os.rename('real', 'd')\n"
+            "        except OSError:\n            pass\nprint('ok')") % name
+    try:
+        for _ in range(3):
+            body = run(sandbox_server, code, run_timeout=5,
+                       fetch_files=[f"d/{name}"] * 150 + [f"link/{name}", target, f"/proc/1/root{target}"])
+            assert body["run_result"]["stdout"] == "ok\n", body
+            leaked = [n for n, v in body["files"].items() if secret.encode() in base64.b64decode(v)]
+            assert not leaked, f"root-only file read back through {leaked}"
+    finally:
+        os.unlink(target)
+    assert_healthy(sandbox_server)
+
+
+def test_a_run_that_defeats_clean_up_does_not_break_its_worker(sandbox_server):
+    """Class 2: a directory tree too deep for a recursive delete, left in the work dir and /tmp."""
+    deep = ("import os\nfor base in ('.', '/tmp'):\n    os.chdir(base)\n    for _ in range(2500):\n"
+            "        os.mkdir('a'); os.chdir('a')\nprint('deep')")
+    for _ in range(2):  # both workers
+        body = run(sandbox_server, deep, run_timeout=20)
+        assert body["status"] == "Success", body
+    for i in range(6):
+        body = run(sandbox_server, f"print({i})")
+        assert body["status"] == "Success" and body["run_result"]["stdout"] == f"{i}\n", body
+    health = httpx.get(sandbox_server.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+MARKER = "RESIDUE" + os.urandom(12).hex()
+
+
+def test_no_state_crosses_requests_through_ipc_keyrings_or_memory(sandbox_server):
+    """Class 3: SysV IPC objects, the uid's kernel keyring and freed memory of an earlier request."""
+    leave = ("import ctypes, platform\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+             "add_key = {'x86_64': 248, 'aarch64': 217}[platform.machine()]\n"
+             "libc.shmget(0x5EED01, 4096, 0o1666); libc.msgget(0x5EED02, 0o1666); libc.semget(0x5EED03, 1, 0o1666)\n"
+             "libc.syscall(add_key, b'user', b'retool-leak', b'%s', 20, -4)\n"  # -4: the user keyring
+             "import sys\ndata = sys.stdin.read()\nprint(data[:200])  # %s\n") % (MARKER[:20], MARKER)
+    split = MARKER[:6] + "(?:" + MARKER[6] + ")" + MARKER[7:]  # finds the marker without holding it
+    check = ("import ctypes, json, platform, re\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+             "keyctl = {'x86_64': 250, 'aarch64': 219}[platform.machine()]\n"
+             "found = {'shm': libc.shmget(0x5EED01, 0, 0) != -1, 'msg': libc.msgget(0x5EED02, 0) != -1,\n"
+             "         'sem': libc.semget(0x5EED03, 0, 0) != -1,\n"
+             "         'key': libc.syscall(keyctl, 10, -4, b'user', b'retool-leak', 0) > 0}\n"
+             "pat, hits = re.compile(%r.encode()), 0\n"
+             "for line in open('/proc/self/maps').read().splitlines():\n"  # every private writable mapping
+             "    parts = line.split()\n"
+             "    if parts[1] == 'rw-p':\n"
+             "        lo, hi = (int(x, 16) for x in parts[0].split('-'))\n"
+             "        hits += len(pat.findall(ctypes.string_at(lo, hi - lo)))\n"
+             "found['memory'] = hits\nprint(json.dumps(found))") % split
+    for _ in range(2):
+        body = run(sandbox_server, leave, stdin=MARKER * 4000)
+        assert body["status"] == "Success", body["run_result"]["stderr"]
+    for _ in range(4):  # whichever worker answers
+        body = run(sandbox_server, check, run_timeout=20)
+        assert body["status"] == "Success", body["run_result"]["stderr"]
+        found = json.loads(body["run_result"]["stdout"])
+        assert found == {"shm": False, "msg": False, "sem": False, "key": False, "memory": 0}, found
+
+
+def test_memory_budget_covers_the_whole_request(sandbox_server):
+    """Class 4: forked children, memfds and detached SysV shm each stay under a per-process limit."""
+    budget = 128
+    extra = httpx.get(sandbox_server.url + "/health").json()["warm_rss_mb"]
+    ceiling = budget + extra + 64  # what the request may hold at most, with some slack
+    forks = ("import os, time\nr, w = os.pipe()\nfor _ in range(10):\n    if os.fork() == 0:\n        try:\n"
+             "            block = b'x' * (100 << 20); os.write(w, b'1'); time.sleep(3)\n"
+             "        except MemoryError:\n            pass\n        os._exit(0)\n"
+             "os.close(w); held = 0\nwhile True:\n    chunk = os.read(r, 16)\n    if not chunk:\n        break\n"
+             "    held += len(chunk)\nprint(held)")
+    body = run(sandbox_server, forks, memory_limit_MB=budget, run_timeout=20)
+    assert int(body["run_result"]["stdout"] or 0) * 100 <= ceiling, body
+    memfd = ("import os\nfds = []\nfor i in range(20):\n    fd = os.memfd_create('m'); fds.append(fd)\n"
+             "    for _ in range(60):\n        os.write(fd, b'y' * (1 << 20))\n    print((i + 1) * 60, flush=True)")
+    body = run(sandbox_server, memfd, memory_limit_MB=budget, run_timeout=20)
+    held = int((body["run_result"]["stdout"].split() or ["0"])[-1])
+    assert held <= ceiling and body["status"] == "Failed", (held, body["run_result"]["stderr"][-300:])
+    shm = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+           "for i in range(12):\n    sid = libc.shmget(0, 100 << 20, 0o1600)\n    addr = libc.shmat(sid, None, 0)\n"
+           "    ctypes.memset(addr, 1, 100 << 20); libc.shmdt(ctypes.c_void_p(addr))\n    print((i + 1) * 100, flush=True)")
+    body = run(sandbox_server, shm, memory_limit_MB=budget, run_timeout=20)
+    held = int((body["run_result"]["stdout"].split() or ["0"])[-1])
+    assert held <= ceiling and body["status"] == "Failed", (held, body["run_result"]["stderr"][-300:])
+    assert_healthy(sandbox_server)
+
+
+def test_host_unix_sockets_and_host_paths_are_out_of_reach(sandbox_server):
+    """Class 5: a world-writable pathname socket on the host (and an abstract one) must not answer."""
+    import socket
+    import threading
+
+    paths = [f"/var/tmp/retool-test-{os.getpid()}.sock"]
+    if os.access("/run", os.W_OK):
+        paths.append(f"/run/retool-test-{os.getpid()}.sock")
+    abstract = f"\0retool-test-{os.getpid()}"
+    listeners = []
+    for addr in [*paths, abstract]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(addr)
+        if not addr.startswith("\0"):
+            os.chmod(addr, 0o777)
+        s.listen(4)
+        listeners.append(s)
+
+    def answer(s):
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            conn.sendall(b"pong")
+            conn.close()
+
+    for s in listeners:
+        threading.Thread(target=answer, args=(s,), daemon=True).start()
+    hidden = ["/run", "/var", "/home", "/sys", "/etc/shadow", "/etc/hostname", REPO, os.path.join(REPO, "setup.py")]
+    code = ("import os, socket\nfor addr in %r:\n    s = socket.socket(socket.AF_UNIX)\n    s.settimeout(2)\n"
+            "    try:\n        s.connect(addr); print('reached', repr(addr), s.recv(4))\n"
+            "    except OSError as e:\n        print('blocked', type(e).__name__)\n"
+            "print('visible', [p for p in %r if os.path.exists(p)])") % ([*paths, abstract], hidden)
+    try:
+        body = run(sandbox_server, code)
+    finally:
+        for s in listeners:
+            s.close()
+        for p in paths:
+            os.unlink(p)
+    out = body["run_result"]["stdout"]
+    assert "reached" not in out and "visible []" in out, out
+
+
+def test_request_body_over_the_limit_is_413(sandbox_server):
+    """Class 6: the request body has a bound (16 MiB by default)."""
+    r = post_raw(sandbox_server, json.dumps({"code": "#" + "x" * (17 << 20) + "\nprint(1)"}).encode())
+    assert r.status_code == 413 and "limit" in r.text
+
+
+def test_fetch_files_total_is_bounded_whatever_the_aliases(sandbox_server):
+    """Class 6: one 3 MiB file named eight ways: the response holds at most the 16 MiB total."""
+    names = ["f", "./f", "d/../f", "/f", "f", "./d/../f", "f", "f"]
+    body = run(sandbox_server, "import os\nos.mkdir('d')\nopen('f', 'wb').write(os.urandom(3 << 20))",
+               fetch_files=names)
+    total = sum(len(base64.b64decode(v)) for v in body["files"].values())
+    assert total <= 16 << 20 and "over the" in body["message"], (total, body["message"])
+
+
+def test_fifo_in_fetch_files_does_not_hold_the_worker(sandbox_server):
+    """Class 6: opening a FIFO for reading blocks until a writer comes; the worker must not wait."""
+    t = time.time()
+    body = run(sandbox_server, "import os\nos.mkfifo('pipe')\nos.symlink('/dev/zero', 'zero')",
+               fetch_files=["pipe", "zero"], run_timeout=2)
+    assert time.time() - t < 6, "fetching a FIFO held the worker"
+    assert body["files"] == {} and "not a regular file" in body["message"], body["message"]
+    assert_healthy(sandbox_server)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"code": "print(1)", "run_timeout": NaN}',
+    b'{"code": "print(1)", "memory_limit_MB": Infinity}',
+    b'{"code": "print(1)", "run_timeout": 1e999}',
+    b'{"code": "print(1)", "files": {"\\ud800": ""}}',
+    b'{"code": "print(1)", "fetch_files": ["\\udcff"]}',
+    b'{"code": "print(\'\\ud800\')"}',
+    b'{"code": "print(1)", "stdin": "\\udfff"}',
+    b'{"code": "print(1)", "files": {"a\\u0000b": ""}}',
+    b'{"code": "print(1)", "files": {"a.txt": "not base64!"}}',
+    b'{"code": "print(1)", "fetch_files": [""]}',
+    b'{"code": "print(1)", "files": {"a": "eA=="}, "fetch_files": ["../../etc/passwd"]}',
+    b'{"code": "print(1)"',
+])
+def test_malformed_numbers_and_names_are_client_errors(sandbox_server, raw):
+    """Class 7: NaN/infinite numbers, lone surrogates, NUL, bad base64, escaping names: 4xx with a message."""
+    r = post_raw(sandbox_server, raw)
+    assert r.status_code in (400, 422), (r.status_code, r.text[:300])
+    assert r.json()["detail"]
+
+
+def test_serve_fails_at_once_on_a_busy_port():
+    """Sibling issue: bind before warming workers, so a busy port is reported at once."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        t = time.time()
+        proc = subprocess.run([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port),
+                               "--workers", "2"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    assert "workers ready" not in proc.stderr and "in use" in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - t < 5
+
+
+# -- a one-worker server started from "/", with a short queue ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_worker_server():
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    env = dict(os.environ, PYTHONPATH=REPO)
+    server = LocalSandbox(workers=1, env=env, cwd="/", extra_args=["--preload", "math", "--max-queue", "2"]).wait()
+    yield server
+    server.stop()
+
+
+def test_server_tree_is_hidden_wherever_the_server_starts(one_worker_server):
+    """Class 8: hidden paths depended on the server's working directory."""
+    code = "import os\nprint([p for p in %r if os.path.exists(p)])" % (
+        [REPO, os.path.join(REPO, "setup.py"), os.path.join(REPO, "recipe"), "/root/.bash_history"],)
+    body = run(one_worker_server, code)
+    assert body["run_result"]["stdout"] == "[]\n", body
+
+
+def test_abandoned_request_frees_its_worker(one_worker_server):
+    """Class 6: a client that gives up on a 30 s run must not hold the only worker for 30 s."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(one_worker_server.url + "/run_code", json={"code": "import time\ntime.sleep(30)",
+                                                               "run_timeout": 30}, timeout=1)
+    t = time.time()
+    body = run(one_worker_server, "print('next')")
+    assert body["run_result"]["stdout"] == "next\n" and time.time() - t < 5
+
+
+def test_waiting_requests_are_bounded(one_worker_server):
+    """Class 6: beyond --max-queue waiting requests the server answers 503 at once, never queues forever."""
+    import asyncio
+
+    async def go():
+        async with httpx.AsyncClient(timeout=30) as client:
+            async def one(code):
+                return await client.post(one_worker_server.url + "/run_code", json={"code": code, "run_timeout": 10})
+            return await asyncio.gather(one("import time\ntime.sleep(2)"), *(one("print(1)") for _ in range(5)))
+
+    answers = asyncio.run(go())
+    codes = sorted(r.status_code for r in answers)
+    assert codes.count(503) >= 2 and codes.count(200) >= 3, codes
+    assert all("waiting" in r.json()["detail"] for r in answers if r.status_code == 503)
+
+
+# -- a server behind a bearer token -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_server():
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    token = "t0k-" + os.urandom(8).hex()
+    env = dict(os.environ, RETOOL_SANDBOX_TOKEN=token, PYTHONPATH=REPO)
+    server = LocalSandbox(workers=1, env=env, cwd=REPO, extra_args=["--preload", "math"]).wait()
+    server.token = token
+    yield server
+    server.stop()
+
+
+def test_token_is_required_when_configured(token_server):
+    """Class 9: with a token configured, nothing runs without it; /v1/ping stays open for health checks."""
+    import asyncio
+
+    from recipe.retool.sandbox.client import SandboxClient
+
+    code = {"code": "print(6 * 7)", "language": "python"}
+    assert httpx.post(token_server.url + "/run_code", json=code).status_code == 401
+    assert httpx.post(token_server.url + "/run_code", json=code,
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(token_server.url + "/health").status_code == 401
+    assert httpx.get(token_server.url + "/v1/ping").text == "pong"
+    ok = httpx.post(token_server.url + "/run_code", json=code, headers={"Authorization": f"Bearer {token_server.token}"})
+    assert ok.status_code == 200 and ok.json()["run_result"]["stdout"] == "42\n"
+
+    async def via_client(token):
+        client = SandboxClient(token_server.url, max_retries=0, token=token)
+        try:
+            return await client.run_code("print(6 * 7)")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(via_client(token_server.token)).stdout == "42\n"
+    denied = asyncio.run(via_client(None))
+    assert denied.status == "ClientError" and "401" in denied.message
+
+
+def test_server_refuses_to_start_without_a_required_token():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RETOOL_SANDBOX_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", "0", "--require-token"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode != 0 and "RETOOL_SANDBOX_TOKEN" in proc.stderr

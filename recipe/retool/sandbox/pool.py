@@ -195,6 +195,7 @@ class WorkerPool:
         self._closed = False
         self.capabilities: dict[str, Any] = {}
         self.preloaded: list[str] = []
+        self.warm_rss_mb = 0  # a request's memory budget comes on top of the warm interpreter's size
         self.problems: deque[str] = deque(maxlen=20)  # recent worker failures, newest last (for /health)
         self.cgroup_plan: dict[str, Any] | None = None
         self.cgroup_error: str | None = None
@@ -224,6 +225,7 @@ class WorkerPool:
         first = workers[0].info
         self.capabilities = first["capabilities"]
         self.preloaded = first["preloaded"]
+        self.warm_rss_mb = first.get("warm_rss_mb", 0)
         missing = self._missing(self.capabilities)
         if missing:
             logger.warning("SANDBOX RUNNING UNSAFE (--allow-unsafe): %s", "; ".join(missing))

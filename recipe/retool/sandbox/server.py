@@ -131,6 +131,7 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None,
             await pool.close()
 
     app = FastAPI(title="ReTool sandbox (SandboxFusion-compatible)", lifespan=lifespan)
+    app.add_middleware(_Guard, token=token, max_body=config.max_body_mb * 1024 * 1024)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -171,7 +172,7 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None,
     async def health() -> JSONResponse:
         pool: WorkerPool = app.state.pool
         body = {**pool.health(), "front": front, "capabilities": pool.capabilities, "preloaded": pool.preloaded,
-                "cgroup": pool.cgroup_plan, "stats": dict(pool.stats)}
+                "warm_rss_mb": pool.warm_rss_mb, "cgroup": pool.cgroup_plan, "stats": dict(pool.stats)}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app
