@@ -142,3 +142,17 @@ def test_modal_apps_import_with_the_real_package_and_register_every_function():
     assert isinstance(s.sandbox, modal.Function)
     assert m.VOLUME_NAMES["checkpoints"].startswith("retool-checkpoints-")
     assert m.GPU == "H100:8"
+
+
+def test_the_public_sandbox_endpoint_requires_a_token(tmp_path):
+    """The deployed sandbox refuses to serve without RETOOL_SANDBOX_TOKEN; the token is a known secret."""
+    import recipe.retool.modal_sandbox as s
+
+    (tmp_path / ".env").write_text("RETOOL_SANDBOX_TOKEN=abc123\nOTHER=x\n")
+    assert launcher.load_env(tmp_path / ".env") == {"RETOOL_SANDBOX_TOKEN": "abc123"}
+    assert "abc123" not in launcher.redact("token abc123", {"RETOOL_SANDBOX_TOKEN": "abc123"})
+    with pytest.raises(RuntimeError, match="RETOOL_SANDBOX_TOKEN"):
+        s.create_sandbox_app({})
+    app = s.create_sandbox_app({"RETOOL_SANDBOX_TOKEN": "abc123"})
+    guard = [m for m in app.user_middleware if m.cls.__name__ == "_Guard"]
+    assert guard and guard[0].kwargs["token"] == "abc123"

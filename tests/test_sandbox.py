@@ -517,19 +517,7 @@ def test_waiting_requests_are_bounded(one_worker_server):
     assert all("waiting" in r.json()["detail"] for r in answers if r.status_code == 503)
 
 
-# -- a server behind a bearer token -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def token_server():
-    from recipe.retool.sandbox.local import LocalSandbox
-
-    token = "t0k-" + os.urandom(8).hex()
-    env = dict(os.environ, RETOOL_SANDBOX_TOKEN=token, PYTHONPATH=REPO)
-    server = LocalSandbox(workers=1, env=env, cwd=REPO, extra_args=["--preload", "math"]).wait()
-    server.token = token
-    yield server
-    server.stop()
+# -- a server behind a bearer token (fixture in conftest.py) -------------------------------------
 
 
 def test_token_is_required_when_configured(token_server):
@@ -567,3 +555,91 @@ def test_server_refuses_to_start_without_a_required_token():
     proc = subprocess.run([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", "0", "--require-token"],
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert proc.returncode != 0 and "RETOOL_SANDBOX_TOKEN" in proc.stderr
+
+
+# -- a server without root (user-namespace mode) ----------------------------------------------
+
+
+def _unreachable_dirs(paths: list[str]) -> dict[str, list[str]]:
+    """Directories on the way to ``paths`` that others cannot enter → the children to keep reachable."""
+    plan: dict[str, list[str]] = {}
+    for path in paths:
+        parts = os.path.realpath(path).split("/")[1:]
+        for i in range(1, len(parts)):
+            d = "/" + "/".join(parts[:i])
+            if not os.stat(d).st_mode & 0o001:
+                plan.setdefault(d, [])
+                child = d + "/" + parts[i]
+                if child not in plan[d]:
+                    plan[d].append(child)
+                break
+    return plan
+
+
+def _become_nobody(plan: dict[str, list[str]]) -> None:
+    """preexec: a private mount namespace in which uid 65534 can reach the interpreter, then that uid."""
+    import tempfile
+
+    from recipe.retool.sandbox import isolation as iso
+
+    iso.unshare(iso.CLONE_NEWNS)
+    iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+    for blocked, keep in plan.items():
+        staged = []
+        for path in keep:
+            stage = tempfile.mkdtemp(prefix="retool-stage-")
+            iso.mount(path, stage, None, iso.MS_BIND | iso.MS_REC)
+            staged.append((stage, path))
+        iso.mount("tmpfs", blocked, "tmpfs", 0, "mode=0755")
+        for stage, path in staged:
+            os.makedirs(path, exist_ok=True)
+            iso.mount(stage, path, None, iso.MS_MOVE)
+            os.rmdir(stage)
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
+@pytest.fixture(scope="module")
+def nobody_server():
+    import subprocess
+    import sys
+
+    from recipe.retool.sandbox.local import free_port, stop_process, wait_until_healthy
+
+    port = free_port()
+    args = [sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port), "--workers", "1",
+            "--preload", "math", "--log-level", "warning",
+            "--allow-unsafe"]  # without root there is no cgroup to write to here; the rest still holds
+    env = dict(os.environ, PYTHONPATH=REPO)
+    preexec = None
+    if os.geteuid() == 0:
+        plan = _unreachable_dirs([sys.executable, os.path.realpath(sys.executable), sys.prefix, REPO])
+        preexec = lambda: _become_nobody(plan)  # noqa: E731
+    proc = subprocess.Popen(args, env=env, cwd="/", preexec_fn=preexec)
+    server = type("Server", (), {})()
+    server.url, server.proc = f"http://127.0.0.1:{port}", proc
+    server.alive = lambda: proc.poll() is None
+    wait_until_healthy(server.url + "/v1/ping", 120, proc, "sandbox server (non-root)")
+    yield server
+    stop_process(proc)
+
+
+def test_without_root_a_snippet_cannot_signal_its_worker(nobody_server):
+    """Class 8: in user-namespace mode the children keep the worker's uid; they must still not reach it."""
+    health = httpx.get(nobody_server.url + "/health").json()
+    assert health["capabilities"]["user_namespace"] and not health["capabilities"]["uid_drop"]
+    code = ("import os, signal\nfor sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):\n"
+            "    for pid in list(range(1, 40)) + [-1]:\n        try:\n            os.kill(pid, sig)\n"
+            "        except (OSError, KeyboardInterrupt):\n            pass\n"
+            "        except BaseException:\n            pass\nprint('sent')")
+    for _ in range(2):
+        try:
+            httpx.post(nobody_server.url + "/run_code", json={"code": code, "run_timeout": 5}, timeout=30)
+        except httpx.HTTPError:
+            pass
+    time.sleep(0.5)
+    health = httpx.get(nobody_server.url + "/health").json()
+    assert health["stats"].get("worker_restarts", 0) == 0, health
+    body = run(nobody_server, "print(os.getpid(), os.getuid())".replace("print", "import os\nprint"))
+    assert body["status"] == "Success" and body["run_result"]["stdout"].startswith("1 "), body
