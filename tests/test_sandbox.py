@@ -278,8 +278,9 @@ def test_fetch_files_cannot_read_outside_the_work_dir_even_while_a_daemon_swaps_
             "        except OSError:\n            pass\nprint('ok')") % name
     try:
         for _ in range(3):
+            aliases = [f"{'./' * i}d/{name}" for i in range(150)]  # distinct names: each is read and returned
             body = run(sandbox_server, code, run_timeout=5,
-                       fetch_files=[f"d/{name}"] * 150 + [f"link/{name}", target, f"/proc/1/root{target}"])
+                       fetch_files=aliases + [f"link/{name}", target, f"/proc/1/root{target}"])
             assert body["run_result"]["stdout"] == "ok\n", body
             leaked = [n for n, v in body["files"].items() if secret.encode() in base64.b64decode(v)]
             assert not leaked, f"root-only file read back through {leaked}"
@@ -338,7 +339,7 @@ def test_no_state_crosses_requests_through_ipc_keyrings_or_memory(sandbox_server
 def test_memory_budget_covers_the_whole_request(sandbox_server):
     """Class 4: forked children, memfds and detached SysV shm each stay under a per-process limit."""
     budget = 128
-    extra = httpx.get(sandbox_server.url + "/health").json()["warm_rss_mb"]
+    extra = httpx.get(sandbox_server.url + "/health").json().get("warm_rss_mb", 0)
     ceiling = budget + extra + 64  # what the request may hold at most, with some slack
     forks = ("import os, time\nr, w = os.pipe()\nfor _ in range(10):\n    if os.fork() == 0:\n        try:\n"
              "            block = b'x' * (100 << 20); os.write(w, b'1'); time.sleep(3)\n"
@@ -413,9 +414,9 @@ def test_request_body_over_the_limit_is_413(sandbox_server):
 
 
 def test_fetch_files_total_is_bounded_whatever_the_aliases(sandbox_server):
-    """Class 6: one 3 MiB file named eight ways: the response holds at most the 16 MiB total."""
-    names = ["f", "./f", "d/../f", "/f", "f", "./d/../f", "f", "f"]
-    body = run(sandbox_server, "import os\nos.mkdir('d')\nopen('f', 'wb').write(os.urandom(3 << 20))",
+    """Class 6: one 4 MiB file named six ways: the response holds at most the 16 MiB total."""
+    names = ["f", "./f", "d/../f", "/f", "f", "./d/../f", ".//f"]
+    body = run(sandbox_server, "import os\nos.mkdir('d')\nopen('f', 'wb').write(os.urandom(4 << 20))",
                fetch_files=names)
     total = sum(len(base64.b64decode(v)) for v in body["files"].values())
     assert total <= 16 << 20 and "over the" in body["message"], (total, body["message"])
@@ -475,18 +476,31 @@ def test_serve_fails_at_once_on_a_busy_port():
 
 @pytest.fixture(scope="module")
 def one_worker_server():
+    """One worker, a queue of two, started from "/" with its code in a copy of our tree (with a .env)
+    outside /tmp: where a real checkout lives, unlike this test's tree, which may sit under /tmp."""
+    import shutil
+    import tempfile
+
     from recipe.retool.sandbox.local import LocalSandbox
 
-    env = dict(os.environ, PYTHONPATH=REPO)
+    tree = tempfile.mkdtemp(prefix="retool-tree-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    shutil.copytree(os.path.join(REPO, "recipe"), os.path.join(tree, "recipe"),
+                    ignore=shutil.ignore_patterns("__pycache__", "sample_data"))
+    with open(os.path.join(tree, ".env"), "w") as fh:
+        fh.write("HF_TOKEN=canary-in-the-tree\n")
+    env = dict(os.environ, PYTHONPATH=tree)
     server = LocalSandbox(workers=1, env=env, cwd="/", extra_args=["--preload", "math", "--max-queue", "2"]).wait()
+    server.tree = tree
     yield server
     server.stop()
+    shutil.rmtree(tree, ignore_errors=True)
 
 
 def test_server_tree_is_hidden_wherever_the_server_starts(one_worker_server):
     """Class 8: hidden paths depended on the server's working directory."""
+    tree = one_worker_server.tree
     code = "import os\nprint([p for p in %r if os.path.exists(p)])" % (
-        [REPO, os.path.join(REPO, "setup.py"), os.path.join(REPO, "recipe"), "/root/.bash_history"],)
+        [tree, os.path.join(tree, ".env"), os.path.join(tree, "recipe"), REPO, "/root/.bash_history"],)
     body = run(one_worker_server, code)
     assert body["run_result"]["stdout"] == "[]\n", body
 

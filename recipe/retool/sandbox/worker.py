@@ -573,6 +573,8 @@ class Manager:
             dirfd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 for name in names:
+                    if name in fetched:
+                        continue  # the same name twice: one answer
                     try:
                         fd = open_beneath(dirfd, relative_name(name, self.workdir))
                     except (ValueError, OSError):
