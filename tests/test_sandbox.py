@@ -657,3 +657,36 @@ def test_without_root_a_snippet_cannot_signal_its_worker(nobody_server):
     assert health["stats"].get("worker_restarts", 0) == 0, health
     body = run(nobody_server, "print(os.getpid(), os.getuid())".replace("print", "import os\nprint"))
     assert body["status"] == "Success" and body["run_result"]["stdout"].startswith("1 "), body
+
+
+def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
+    """--fronts N: N HTTP processes accept on one socket, each with its share of the workers."""
+    import signal
+
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    server = LocalSandbox(workers=2, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                          extra_args=["--preload", "math", "--fronts", "2"]).wait()
+    try:
+        def fronts() -> list[int]:
+            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as fh:
+                return [int(p) for p in fh.read().split()]
+
+        assert len(fronts()) == 2
+        for i in range(10):
+            assert run(server, f"print({i})")["run_result"]["stdout"] == f"{i}\n"
+        os.kill(fronts()[0], signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline and len(fronts()) < 2:
+            time.sleep(0.2)
+        assert len(fronts()) == 2
+        ok = 0
+        while time.time() < deadline and ok < 10:
+            try:
+                ok += run(server, "print('again')")["run_result"]["stdout"] == "again\n"
+            except (httpx.HTTPError, AssertionError):
+                time.sleep(0.2)  # a connection that landed on the restarting front
+        assert ok == 10
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
