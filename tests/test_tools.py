@@ -49,7 +49,9 @@ async def test_tool_sends_the_sandbox_token_from_the_environment(token_server, m
     tool = make_tool(token_server.url, sandbox_token_env="RETOOL_TEST_SANDBOX_TOKEN", max_retries=0)
     resp, _, metrics = await tool.execute("i", {"code": "print(6 * 7)"})
     assert resp.text == "42" and metrics["status"] == "Success"
+    await tool.client.aclose()
     monkeypatch.delenv("RETOOL_TEST_SANDBOX_TOKEN")
     tool = make_tool(token_server.url, sandbox_token_env="RETOOL_TEST_SANDBOX_TOKEN", max_retries=0)
     resp, _, metrics = await tool.execute("i", {"code": "print(6 * 7)"})
     assert "HTTP 401" in resp.text and metrics["sandbox_error"]
+    await tool.client.aclose()

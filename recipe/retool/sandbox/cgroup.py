@@ -197,6 +197,7 @@ class SlotCgroup:
             self._oom = self._open(mem, "memory.oom_control", os.O_RDONLY)
             self._peak = self._open(mem, "memory.max_usage_in_bytes", os.O_RDWR)
             self._pids_max = self._open(pids, "pids.max", os.O_WRONLY)
+            self._force_empty = self._open(mem, "memory.force_empty", os.O_WRONLY, optional=True)
         else:
             d = self.dirs["unified"]
             self._mem_limit = self._open(d, "memory.max", os.O_WRONLY)
@@ -218,9 +219,18 @@ class SlotCgroup:
             raise
 
     def set_limits(self, memory_bytes: int, max_pids: int) -> None:
+        """Called between requests, when no process is in the slot."""
         value = str(memory_bytes).encode()
         try:
-            os.write(self._mem_limit, value)
+            try:
+                os.write(self._mem_limit, value)
+            except OSError as exc:
+                # v1 refuses a limit below what is still charged (page cache an earlier request read):
+                # with the slot empty, reclaim all of it and try again
+                if exc.errno != errno.EBUSY or self.version != 1 or self._force_empty is None:
+                    raise
+                os.write(self._force_empty, b"0")
+                os.write(self._mem_limit, value)
         except OSError as exc:
             # v1: raising the limit above memory+swap's fails until that one is raised first
             if exc.errno != errno.EINVAL or self._memsw_limit is None:
