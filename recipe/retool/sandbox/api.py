@@ -12,7 +12,7 @@ import binascii
 from base64 import b64decode
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from recipe.retool.sandbox.worker import WORKDIR, relative_name
 
@@ -61,7 +61,7 @@ class RunCodeRequest(BaseModel):
 
     @field_validator("code", "stdin", "language")
     @classmethod
-    def _text(cls, value: str | None, info) -> str | None:
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
         return value if value is None else _utf8(value, info.field_name)
 
     @field_validator("files")

@@ -486,7 +486,9 @@ class Manager:
             raise Unhealthy("the zygote is gone")
         return json.loads(data)
 
-    def _collect(self, pid: int, out_r: int, err_r: int, deadline: float, req_id: Any):
+    def _collect(self, pid: int, out_r: int, err_r: int, deadline: float,
+                 req_id: Any) -> tuple[str, str, dict[str, Any], str | None]:
+        """Output (capped) until the zygote reports the end of the run; kill at the deadline or on cancel."""
         cap = self.cfg["max_output_bytes"]
         bufs = {out_r: bytearray(), err_r: bytearray()}
         total = {out_r: 0, err_r: 0}
