@@ -253,6 +253,22 @@ def test_concurrent_mixed_requests_are_all_answered_correctly(sandbox_server, n)
             assert body["status"] == "Failed" and rr["status"] == "TimeLimitExceeded"
 
 
+def test_ordinary_programs_keep_working_inside_the_confinement(sandbox_server):
+    """Threads, subprocesses, multiprocessing (fork + /dev/shm semaphores), tempfiles, numpy: what
+    snippets do must survive the seccomp filter, the allowlisted root and the per-request namespaces."""
+    code = ("import threading, subprocess, multiprocessing, tempfile, sys, concurrent.futures\nout = []\n"
+            "t = threading.Thread(target=lambda: out.append('thread')); t.start(); t.join()\n"
+            "out.append(subprocess.run([sys.executable, '-c', 'print(6*7)'], capture_output=True, text=True).stdout.strip())\n"
+            "out.append(subprocess.run(['sh', '-c', 'echo shell'], capture_output=True, text=True).stdout.strip())\n"
+            "with multiprocessing.Pool(2) as p:\n    out.append(sum(p.map(abs, [-1, -2, 3])))\n"
+            "with concurrent.futures.ThreadPoolExecutor(4) as ex:\n    out.append(sum(ex.map(len, ['ab', 'c'])))\n"
+            "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('x')\n"
+            "out.append(open(f.name).read())\nlock = multiprocessing.Lock(); lock.acquire(); lock.release()\n"
+            "import numpy as np\nout.append(float(np.linalg.det(np.eye(3))))\nprint(out)")
+    body = run(sandbox_server, code, run_timeout=30)
+    assert body["run_result"]["stdout"] == "['thread', '42', 'shell', 6, 3, 'x', 1.0]\n", body["run_result"]
+
+
 # ----------------------------------------------------------------------------- hardening
 # One attack (or more) per hole of the "Sandbox hardening" issue; each of these failed before it.
 
