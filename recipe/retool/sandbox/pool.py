@@ -125,6 +125,10 @@ class Abandoned(RuntimeError):
     """The client went away before its request got a worker."""
 
 
+class NoWorker(RuntimeError):
+    """No worker is alive and replacing them keeps failing: waiting would be forever."""
+
+
 class _Worker:
     def __init__(self, slot: int, proc: asyncio.subprocess.Process, info: dict[str, Any]):
         self.slot = slot
@@ -191,8 +195,10 @@ class WorkerPool:
         self._waiters: deque[asyncio.Future] = deque()
         self._workers: dict[int, _Worker] = {}
         self._replacing: set[asyncio.Task] = set()
+        self._reaping: set[asyncio.Task] = set()
         self._seq = 0
         self._closed = False
+        self._spawn_error: str | None = None  # the last failed replacement, until one succeeds
         self.capabilities: dict[str, Any] = {}
         self.preloaded: list[str] = []
         self.warm_rss_mb = 0  # a request's memory budget comes on top of the warm interpreter's size
@@ -216,7 +222,9 @@ class WorkerPool:
         errors = [r for r in results if not isinstance(r, _Worker)]
         if errors:
             for w in workers:
-                w.kill()
+                self._retire(w)
+            if self._reaping:
+                await asyncio.gather(*self._reaping, return_exceptions=True)
             self._remove_cgroups()
             first = errors[0]
             if isinstance(first, BaseException) and not isinstance(first, Exception):
@@ -328,7 +336,7 @@ class WorkerPool:
             if probe:
                 problems += [f"probe: {p}" for p in probe]
         if problems and not self.config.allow_unsafe:
-            worker.kill()
+            self._retire(worker)
             raise RuntimeError(f"refusing to serve: sandbox isolation incomplete in worker {slot}: "
                                f"{'; '.join(problems)}. Errors: {caps.get('errors')}. "
                                f"Pass --allow-unsafe to serve anyway.")
@@ -336,8 +344,25 @@ class WorkerPool:
             logger.warning("worker %d serves UNSAFE (--allow-unsafe): %s", slot, "; ".join(problems))
         return worker
 
-    def _replace(self, worker: _Worker, why: str, problem: bool = True) -> None:
+    def _retire(self, worker: _Worker) -> None:
+        """Kill a worker and reap it in the background (its pipes closed, no zombie left)."""
         worker.kill()
+
+        async def reap() -> None:
+            try:
+                await asyncio.wait_for(worker.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                logger.warning("worker %d did not exit after SIGKILL", worker.slot)
+            transport = getattr(worker.proc, "_transport", None)
+            if transport is not None:
+                transport.close()
+
+        task = asyncio.create_task(reap())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    def _replace(self, worker: _Worker, why: str, problem: bool = True) -> None:
+        self._retire(worker)
         self._workers.pop(worker.slot, None)
         self.stats["worker_restarts"] += 1
         if problem:
@@ -354,8 +379,15 @@ class WorkerPool:
                 except RuntimeError as exc:
                     logger.error("replacing worker %d: %s; retrying in %.0fs", worker.slot, exc, delay)
                     self.problems.append(f"{time.strftime('%H:%M:%S')} worker {worker.slot}: {exc}")
+                    self._spawn_error = str(exc)
+                    if not self._workers:  # nobody will serve the waiting requests: tell them now
+                        while self._waiters:
+                            fut = self._waiters.popleft()
+                            if not fut.done():
+                                fut.set_exception(NoWorker(f"no sandbox worker available: {exc}"))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
+            self._spawn_error = None
             self._workers[new.slot] = new
             self._release(new)
 
@@ -379,7 +411,12 @@ class WorkerPool:
         self._seq += 1
         request.update(op="run", id=self._seq)
         queued = time.perf_counter()
-        worker = await self._acquire(abandoned)
+        if not self._workers and self._spawn_error:
+            return _sandbox_error(f"no sandbox worker available: {self._spawn_error}")
+        try:
+            worker = await self._acquire(abandoned)
+        except NoWorker as exc:
+            return _sandbox_error(str(exc))
         self.stats["queue_wait_ms_total"] += int((time.perf_counter() - queued) * 1000)
         try:
             resp = await worker.call(request, request["run_timeout"] + self.config.grace_s, abandoned)
@@ -417,4 +454,6 @@ class WorkerPool:
             except asyncio.TimeoutError:
                 pass
         self._workers.clear()
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
         self._remove_cgroups()
