@@ -229,6 +229,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="sandbox workers (default: the server's)")
     p.add_argument("--port", type=int, default=18080)
     p.add_argument("--fronts", type=int, default=None, help="HTTP front processes (default: the server's)")
+    p.add_argument("--allow-unsafe", action="store_true",
+                   help="pass --allow-unsafe to the server (a host without a writable cgroup; figures then "
+                        "lack the per-request cgroup's cost)")
     p.add_argument("--clients", type=int, default=1,
                    help="load-generating processes for our server at concurrency > 1 (one Python client tops "
                         "out at a few thousand req/s; use 4 on a 16-core host)")
@@ -242,6 +245,7 @@ def main() -> None:
     from recipe.retool.sandbox.local import LocalSandbox
 
     extra = ["--fronts", str(args.fronts)] if args.fronts else []
+    extra += ["--allow-unsafe"] if args.allow_unsafe else []
     sandbox = LocalSandbox(workers=workers, cwd=str(REPO), port=args.port, extra_args=extra).wait(300)
     proc, url = sandbox.proc, sandbox.url
     ok = True
