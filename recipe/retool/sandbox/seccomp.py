@@ -114,11 +114,23 @@ def build_program(arch: str | None = None) -> list[tuple[int, int, int, int]]:
     return prog
 
 
+_compiled: dict[str, tuple[_SockFprog, ctypes.Array]] = {}
+
+
+def compile_filter(arch: str | None = None) -> _SockFprog:
+    """The filter as the kernel takes it; built once per process (a worker builds it before forking,
+    so each request child only makes the one ``prctl`` call)."""
+    arch = arch or machine()
+    if arch not in _compiled:
+        prog = build_program(arch)
+        array = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+        _compiled[arch] = (_SockFprog(len(prog), array), array)  # keep the array alive with the header
+    return _compiled[arch][0]
+
+
 def install(arch: str | None = None) -> None:
     """Install the filter on the calling thread (no_new_privs must already be set). Irreversible."""
-    prog = build_program(arch)
-    array = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
-    fprog = _SockFprog(len(prog), array)
+    fprog = compile_filter(arch)
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp filter: {errno.errorcode.get(err, err)}")

@@ -696,6 +696,7 @@ def main() -> None:
         isolation.build_root(caps, isolation.python_paths(), ["/sandbox", "/tmp", "/dev/shm"])
         caps.uid_drop = caps.root
         try:
+            seccomp.compile_filter()  # once, before the zygote is forked
             caps.seccomp = _seccomp_works()
         except OSError as exc:
             caps.errors.append(f"seccomp: {exc}")
