@@ -423,6 +423,22 @@ def test_host_unix_sockets_and_host_paths_are_out_of_reach(sandbox_server):
     assert "reached" not in out and "visible []" in out, out
 
 
+def test_kernel_interfaces_a_snippet_has_no_use_for_are_closed(sandbox_server):
+    """Beyond the issue's list: an unprivileged user namespace would hand the snippet every capability
+    inside it (mounts, raw sockets, its own network); io_uring bypasses syscall filtering; keyrings
+    outlive requests. All answer EPERM (clone3 ENOSYS, so glibc falls back to the checked clone)."""
+    code = ("import ctypes, errno, os, platform\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "nr = {'x86_64': {'keyctl': 250, 'bpf': 321, 'clone3': 435, 'io_uring_setup': 425},\n"
+            "      'aarch64': {'keyctl': 219, 'bpf': 280, 'clone3': 435, 'io_uring_setup': 425}}[platform.machine()]\n"
+            "def err(ret):\n    return errno.errorcode.get(ctypes.get_errno(), '?') if ret == -1 else 'allowed'\n"
+            "print(err(libc.unshare(0x10000000)), err(libc.unshare(0x40000000)),\n"
+            "      err(libc.syscall(nr['keyctl'], 0, 0, 0, 0, 0)), err(libc.syscall(nr['bpf'], 0, 0, 0)),\n"
+            "      err(libc.syscall(nr['io_uring_setup'], 1, ctypes.create_string_buffer(120))),\n"
+            "      err(libc.syscall(nr['clone3'], 0, 0)), err(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)))")
+    body = run(sandbox_server, code)
+    assert body["run_result"]["stdout"].split() == ["EPERM"] * 5 + ["ENOSYS", "EPERM"], body
+
+
 def test_request_body_over_the_limit_is_413(sandbox_server):
     """Class 6: the request body has a bound (16 MiB by default)."""
     r = post_raw(sandbox_server, json.dumps({"code": "#" + "x" * (17 << 20) + "\nprint(1)"}).encode())
