@@ -2,23 +2,24 @@
 
     python scripts/bench_sandbox.py [--workers N] [--quick]
     python scripts/bench_sandbox.py --load 10000      # + the mixed load test (correctness, memory)
+    python scripts/bench_sandbox.py --workers 32 --fronts 4 --clients 4 --load 10000   # a 16-core host
 
 One run, side by side, on (a) ``print(1+1)`` and (b) a sympy solve, at concurrency 1 and 64.
 Prints requests/s, p50/p99 latency and our/baseline ratios. The baseline runs the same code
 with no isolation at all (``python -c``), so the ratio understates what isolation costs us.
 
 ``--load N`` then sends N mixed requests (ordinary, erroring, timing out, hostile) at
-concurrency 64, checks every answer, and samples the server's and workers' memory.
+concurrency 64, checks every answer, and samples the memory of the server's process tree as PSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,26 +56,79 @@ async def drive(call, n: int, concurrency: int) -> tuple[float, list[float]]:
     return n / (time.perf_counter() - t0), lat
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants (the server and its workers), in MiB. Forked
-    children share copy-on-write pages with their worker yet each counts them in full, so the
-    peaks mid-run overstate memory; before/after compares like with like."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,rss="], capture_output=True, text=True).stdout.split("\n")
-    rows = [tuple(map(int, line.split())) for line in out if line.strip()]
+def _client_main(url: str, code: str, expect: str, n: int, conc: int, barrier, results) -> None:
+    """One load-generating process (``--clients``): warm up, wait for the others, drive, report."""
+    async def main() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc + 8)) as session:
+            async def call() -> None:
+                async with session.post(url + "/run_code", json={"code": code, "language": "python"}) as resp:
+                    r = await resp.json()
+                assert r["run_result"]["stdout"] == expect, r
+
+            await drive(call, 2 * conc, conc)  # open and warm this client's connections
+            barrier.wait()
+            t0 = time.time()
+            _, lat = await drive(call, n, conc)
+            results.put((t0, time.time(), lat))
+
+    asyncio.run(main())
+
+
+async def drive_clients(url: str, code: str, expect: str, n: int, conc: int, clients: int) -> tuple[float, list[float]]:
+    """Like ``drive`` for our server, from ``clients`` processes at ``conc / clients`` each: one Python
+    client process tops out at a few thousand requests/s, which a many-core server can exceed."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client_main, args=(url, code, expect, n // clients, conc // clients, barrier, results))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, barrier.wait)
+    got = [await loop.run_in_executor(None, results.get) for _ in procs]
+    for p in procs:
+        p.join()
+    lat = [x for _, _, lats in got for x in lats]
+    return len(lat) / (max(t1 for _, t1, _ in got) - min(t0 for t0, _, _ in got)), lat
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants (the server, its fronts, workers and their children)."""
     children: dict[int, list[int]] = {}
-    rss = {}
-    for p, pp, r in rows:
-        children.setdefault(pp, []).append(p)
-        rss[p] = r
-    total, stack = 0, [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
     while stack:
         p = stack.pop()
-        total += rss.get(p, 0)
+        out.append(p)
         stack.extend(children.get(p, []))
-    return total / 1024
+    return out
 
 
-async def bench(url: str, quick: bool) -> None:
+def tree_pss_mb(pid: int) -> float:
+    """PSS of the server's process tree, in MiB: each page shared by n processes counts 1/n in each, so
+    the copy-on-write pages the workers and their children share with each other are counted once
+    (summed RSS counts them once per process and overstates memory many times over)."""
+    total_kb = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        total_kb += int(line.split()[1])
+                        break
+        except OSError:
+            continue  # exited meanwhile
+    return total_kb / 1024
+
+
+async def bench(url: str, quick: bool, clients: int = 1) -> None:
     # aiohttp as the driver: it costs the 2-core machine less CPU than httpx, so the figures
     # measure the server rather than the load generator
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128)) as session:
@@ -101,7 +155,10 @@ async def bench(url: str, quick: bool) -> None:
             run_ours = lambda c=code, e=expect: ours(c, e)  # noqa: E731
             run_base = lambda c=code, e=expect: baseline(c, e)  # noqa: E731
             await drive(run_ours, 8, 8)  # warm connections
-            tp_o, lat_o = await drive(run_ours, max(8, int(n_ours * scale)), conc)
+            if clients > 1 and conc >= clients:
+                tp_o, lat_o = await drive_clients(url, code, expect, max(8, int(n_ours * scale)), conc, clients)
+            else:
+                tp_o, lat_o = await drive(run_ours, max(8, int(n_ours * scale)), conc)
             tp_b, lat_b = await drive(run_base, max(4, int(n_base * scale)), conc)
             print(f"{name:8s} {conc:4d} | {tp_o:10.1f} {pct(lat_o, .5)*1e3:8.1f} {pct(lat_o, .99)*1e3:8.1f} | "
                   f"{tp_b:10.1f} {pct(lat_b, .5)*1e3:8.1f} {pct(lat_b, .99)*1e3:8.1f} | {tp_o / tp_b:5.1f}x")
@@ -131,7 +188,7 @@ async def load_test(url: str, n: int, server_pid: int, concurrency: int = 64) ->
     kinds = rng.choices(list(LOAD_KINDS), weights=[k[0] for k in LOAD_KINDS.values()], k=n)
     wrong: list[tuple[int, str, str]] = []
     lost = 0
-    mem: list[float] = [tree_rss_mb(server_pid)]
+    mem: list[float] = [tree_pss_mb(server_pid)]
     done = 0
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
         sem = asyncio.Semaphore(concurrency)
@@ -151,18 +208,18 @@ async def load_test(url: str, n: int, server_pid: int, concurrency: int = 64) ->
                     wrong.append((i, kind, repr(exc)))
             done += 1
             if done % max(1, n // 10) == 0:
-                mem.append(tree_rss_mb(server_pid))
+                mem.append(tree_pss_mb(server_pid))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, k) for i, k in enumerate(kinds)))
         elapsed = time.perf_counter() - t0
-    mem.append(tree_rss_mb(server_pid))
+    mem.append(tree_pss_mb(server_pid))
     counts = {k: kinds.count(k) for k in LOAD_KINDS}
     print(f"\nload test: {n} requests at concurrency {concurrency} in {elapsed:.1f}s ({n / elapsed:.0f} req/s), mix {counts}")
     print(f"  lost: {lost}, wrong: {len(wrong) - lost}")
     for item in wrong[:5]:
         print("   ", item)
-    print(f"  server+workers RSS MiB over the run: {', '.join(f'{m:.0f}' for m in mem)} "
+    print(f"  server+workers PSS MiB over the run: {', '.join(f'{m:.0f}' for m in mem)} "
           f"(first→last {mem[0]:.0f}→{mem[-1]:.0f}, max {max(mem):.0f}, median {statistics.median(mem):.0f})")
     return not wrong
 
@@ -171,6 +228,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=None, help="sandbox workers (default: the server's)")
     p.add_argument("--port", type=int, default=18080)
+    p.add_argument("--fronts", type=int, default=None, help="HTTP front processes (default: the server's)")
+    p.add_argument("--allow-unsafe", action="store_true",
+                   help="pass --allow-unsafe to the server (a host without a writable cgroup; figures then "
+                        "lack the per-request cgroup's cost)")
+    p.add_argument("--clients", type=int, default=1,
+                   help="load-generating processes for our server at concurrency > 1 (one Python client tops "
+                        "out at a few thousand req/s; use 4 on a 16-core host)")
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
     p.add_argument("--load", type=int, default=0, help="also run the mixed load test with this many requests")
     p.add_argument("--skip-bench", action="store_true")
@@ -180,13 +244,19 @@ def main() -> None:
     workers = args.workers or SandboxConfig().workers
     from recipe.retool.sandbox.local import LocalSandbox
 
-    sandbox = LocalSandbox(workers=workers, cwd=str(REPO), port=args.port).wait(300)
+    extra = ["--fronts", str(args.fronts)] if args.fronts else []
+    extra += ["--allow-unsafe"] if args.allow_unsafe else []
+    sandbox = LocalSandbox(workers=workers, cwd=str(REPO), port=args.port, extra_args=extra).wait(300)
     proc, url = sandbox.proc, sandbox.url
     ok = True
     try:
-        print(f"{os.cpu_count()} cores, {workers} sandbox workers, python {sys.version.split()[0]}")
+        from recipe.retool.sandbox.server import default_fronts
+
+        fronts = args.fronts or min(default_fronts(), workers)
+        print(f"{os.cpu_count()} cores, {workers} sandbox workers, {fronts} HTTP fronts, python {sys.version.split()[0]}, "
+              f"load average {os.getloadavg()[0]:.2f}")
         if not args.skip_bench:
-            asyncio.run(bench(url, args.quick))
+            asyncio.run(bench(url, args.quick, args.clients))
         if args.load:
             ok = asyncio.run(load_test(url, args.load, proc.pid))
     finally:

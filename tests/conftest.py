@@ -57,6 +57,21 @@ def sandbox_server():
 
 
 @pytest.fixture(scope="session")
+def token_server():
+    """A one-worker sandbox that requires a bearer token (``server.token``)."""
+    import os
+
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    token = "t0k-" + os.urandom(8).hex()
+    env = dict(os.environ, RETOOL_SANDBOX_TOKEN=token)
+    server = LocalSandbox(workers=1, env=env, cwd=str(REPO), extra_args=["--preload", "math"]).wait()
+    server.token = token
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, dev_tokenizer) -> Path:
     """A random-init Qwen2-architecture model (2 layers, hidden 64) with the dev tokenizer."""
     from recipe.retool.dev.tokenizer import save_tiny_qwen2

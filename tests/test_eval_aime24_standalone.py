@@ -304,3 +304,14 @@ def test_shell_wrapper_and_bad_data(tmp_path, sandbox_server):
                           capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
                           cwd=REPO)
     assert proc.returncode == 2 and "bad.parquet: missing column 'prompt'" in proc.stderr
+
+
+def test_the_harness_sends_the_sandbox_token(tmp_path, token_server, problems_parquet, llm_factory, monkeypatch):
+    llm = llm_factory(Script(alpha({0: 4})))
+    cfg = config(tmp_path, llm, token_server, problems_parquet, samples=1, limit=1,
+                 sandbox_token_env="RETOOL_TEST_SANDBOX_TOKEN")
+    with pytest.raises(EvalError, match="RETOOL_TEST_SANDBOX_TOKEN"):
+        asyncio.run(evaluate(cfg))
+    monkeypatch.setenv("RETOOL_TEST_SANDBOX_TOKEN", token_server.token)
+    summary = asyncio.run(evaluate(cfg))
+    assert summary["errors"]["count"] == 0 and summary["mean_tool_calls"] == 1

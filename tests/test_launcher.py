@@ -307,3 +307,17 @@ def test_modal_evaluation_never_runs_against_a_server_that_does_not_answer(monke
     with pytest.raises(RuntimeError, match="model server did not answer .* within 3s \\(last: HTTP 503\\)"):
         m._serve_and_evaluate(str(tiny_model_dir), 1, [])
     assert ran == []  # no evaluation, no commit of a half-written result
+
+
+def test_the_public_sandbox_endpoint_requires_a_token(tmp_path):
+    """The deployed sandbox refuses to serve without RETOOL_SANDBOX_TOKEN; the token is a known secret."""
+    import recipe.retool.modal_sandbox as s
+
+    (tmp_path / ".env").write_text("RETOOL_SANDBOX_TOKEN=abc123\nOTHER=x\n")
+    assert launcher.load_env(tmp_path / ".env") == {"RETOOL_SANDBOX_TOKEN": "abc123"}
+    assert "abc123" not in launcher.redact("token abc123", {"RETOOL_SANDBOX_TOKEN": "abc123"})
+    with pytest.raises(RuntimeError, match="RETOOL_SANDBOX_TOKEN"):
+        s.create_sandbox_app({})
+    app = s.create_sandbox_app({"RETOOL_SANDBOX_TOKEN": "abc123"})
+    guard = [m for m in app.user_middleware if m.cls.__name__ == "_Guard"]
+    assert guard and guard[0].kwargs["token"] == "abc123"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 
@@ -33,7 +34,7 @@ def test_success_failure_and_response_shape(sandbox_server):
     assert rr["status"] == "Finished" and rr["return_code"] == 0 and rr["stdout"] == "hi\n" and rr["stderr"] == ""
     assert rr["execution_time"] > 0 and "files" in ok and "executor_pod_name" in ok
     err = run(sandbox_server, "x = 1\nraise ValueError('boom')")
-    assert err["status"] == "Failed" and err["run_result"]["status"] == "Error"
+    assert err["status"] == "Failed" and err["run_result"]["status"] == "Finished"
     assert err["run_result"]["return_code"] == 1
     assert 'main.py", line 2' in err["run_result"]["stderr"] and "ValueError: boom" in err["run_result"]["stderr"]
     assert "worker.py" not in err["run_result"]["stderr"]  # traceback looks like `python main.py`
@@ -62,8 +63,8 @@ def test_bad_requests_and_unknown_fields(sandbox_server):
     assert body["status"] == "Success"
     body = run(sandbox_server, "int main(){}", language="cpp")
     assert body["status"] == "SandboxError" and "not supported" in body["message"]
-    body = run(sandbox_server, "print(1)", files={"../escape.txt": ""})
-    assert body["status"] == "SandboxError" and "leaves the work dir" in body["message"]
+    r = httpx.post(sandbox_server.url + "/run_code", json={"code": "print(1)", "files": {"../escape.txt": ""}})
+    assert r.status_code == 422 and "leaves the work dir" in r.text
     assert httpx.get(sandbox_server.url + "/v1/ping").text == "pong"
 
 
@@ -169,7 +170,9 @@ def test_writes_outside_the_work_dir_fail_or_stay_private(sandbox_server, tmp_pa
     assert body["status"] == "Success"
     for t in targets:
         assert not os.path.exists(t), f"{t} escaped the sandbox"
-    assert "wrote" not in body["run_result"]["stdout"], body["run_result"]["stdout"]
+    # /tmp is the request's own (a private tmpfs, gone with the request); everything else is read-only
+    wrote = [line for line in body["run_result"]["stdout"].splitlines() if line.startswith("wrote")]
+    assert wrote == ["wrote /tmp/escape.txt"], body["run_result"]["stdout"]
 
 
 def test_home_and_repo_are_hidden(sandbox_server):
@@ -208,14 +211,15 @@ def test_no_state_carried_to_the_next_request(sandbox_server):
              % (first + "/left.txt"))
     for _ in range(4):  # whichever worker answers
         out = run(sandbox_server, check)["run_result"]["stdout"]
-        assert out.strip() == "['.stdin', 'main.py'] False [] False", out
+        assert out.strip() == "['main.py'] False [] False", out
 
 
 def test_sandbox_uses_warm_preloaded_modules(sandbox_server):
     body = httpx.get(sandbox_server.url + "/health").json()
     assert "sympy" in body["preloaded"] and "numpy" in body["preloaded"]
     caps = body["capabilities"]
-    assert caps["net_namespace"] and caps["private_tmp"] and (caps["pid_namespace"] or caps["uid_drop"])
+    assert caps["net_namespace"] and caps["pid_namespace"] and caps["allowlisted_root"] and caps["seccomp"]
+    assert caps["cgroup"] in ("v1", "v2") and body["status"] == "ok" and body["live"] == body["workers"]
     t = time.perf_counter()
     res = run(sandbox_server, "import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x))")
     assert res["run_result"]["stdout"] == "[-2, 2]\n"
@@ -247,3 +251,475 @@ def test_concurrent_mixed_requests_are_all_answered_correctly(sandbox_server, n)
             assert body["status"] == "Success" and rr["stdout"] == f"in{i}\n"
         else:
             assert body["status"] == "Failed" and rr["status"] == "TimeLimitExceeded"
+
+
+def test_ordinary_programs_keep_working_inside_the_confinement(sandbox_server):
+    """Threads, subprocesses, multiprocessing (fork + /dev/shm semaphores), tempfiles, numpy: what
+    snippets do must survive the seccomp filter, the allowlisted root and the per-request namespaces."""
+    code = ("import threading, subprocess, multiprocessing, tempfile, sys, concurrent.futures\nout = []\n"
+            "t = threading.Thread(target=lambda: out.append('thread')); t.start(); t.join()\n"
+            "out.append(subprocess.run([sys.executable, '-c', 'print(6*7)'], capture_output=True, text=True).stdout.strip())\n"
+            "out.append(subprocess.run(['sh', '-c', 'echo shell'], capture_output=True, text=True).stdout.strip())\n"
+            "with multiprocessing.Pool(2) as p:\n    out.append(sum(p.map(abs, [-1, -2, 3])))\n"
+            "with concurrent.futures.ThreadPoolExecutor(4) as ex:\n    out.append(sum(ex.map(len, ['ab', 'c'])))\n"
+            "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('x')\n"
+            "out.append(open(f.name).read())\nlock = multiprocessing.Lock(); lock.acquire(); lock.release()\n"
+            "import numpy as np\nout.append(float(np.linalg.det(np.eye(3))))\nprint(out)")
+    body = run(sandbox_server, code, run_timeout=30)
+    assert body["run_result"]["stdout"] == "['thread', '42', 'shell', 6, 3, 'x', 1.0]\n", body["run_result"]
+
+
+# ----------------------------------------------------------------------------- hardening
+# One attack (or more) per hole of the "Sandbox hardening" issue; each of these failed before it.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def post_raw(server, body: bytes, timeout: float = 30, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(server.url + "/run_code", content=body, timeout=timeout,
+                      headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def test_fetch_files_cannot_read_outside_the_work_dir_even_while_a_daemon_swaps_paths(sandbox_server, tmp_path):
+    """Class 1: a daemon left by the snippet flips a directory into a symlink while files are fetched."""
+    secret = "root-only-" + os.urandom(8).hex()
+    target = f"/var/tmp/retool-secret-{os.getpid()}"
+    with open(target, "w") as fh:
+        fh.write(secret)
+    os.chmod(target, 0o600)
+    name = os.path.basename(target)
+    code = ("import os\nos.mkdir('d')\nopen('d/%s', 'w').write('harmless')\nos.symlink('/var/tmp', 'link')\n"
+            "if os.fork() == 0:\n    os.setsid()\n    while True:\n        try:\n"
+            "            os.rename('d', 'real'); os.symlink('/var/tmp', 'd'); os.unlink('d'); os.rename('real', 'd')\n"
+            "        except OSError:\n            pass\nprint('ok')") % name
+    try:
+        for _ in range(3):
+            aliases = [f"{'./' * i}d/{name}" for i in range(150)]  # distinct names: each is read and returned
+            body = run(sandbox_server, code, run_timeout=5,
+                       fetch_files=aliases + [f"link/{name}", target, f"/proc/1/root{target}"])
+            assert body["run_result"]["stdout"] == "ok\n", body
+            leaked = [n for n, v in body["files"].items() if secret.encode() in base64.b64decode(v)]
+            assert not leaked, f"root-only file read back through {leaked}"
+    finally:
+        os.unlink(target)
+    assert_healthy(sandbox_server)
+
+
+def test_a_run_that_defeats_clean_up_does_not_break_its_worker(sandbox_server):
+    """Class 2: a directory tree too deep for a recursive delete, left in the work dir and /tmp."""
+    deep = ("import os\nfor base in ('.', '/tmp'):\n    os.chdir(base)\n    for _ in range(2500):\n"
+            "        os.mkdir('a'); os.chdir('a')\nprint('deep')")
+    for _ in range(2):  # both workers
+        body = run(sandbox_server, deep, run_timeout=20)
+        assert body["status"] == "Success", body
+    for i in range(6):
+        body = run(sandbox_server, f"print({i})")
+        assert body["status"] == "Success" and body["run_result"]["stdout"] == f"{i}\n", body
+    health = httpx.get(sandbox_server.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+MARKER = "RESIDUE" + os.urandom(12).hex()
+
+
+def test_no_state_crosses_requests_through_ipc_keyrings_or_memory(sandbox_server):
+    """Class 3: SysV IPC objects, the uid's kernel keyring and freed memory of an earlier request."""
+    leave = ("import ctypes, platform\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+             "add_key = {'x86_64': 248, 'aarch64': 217}[platform.machine()]\n"
+             "libc.shmget(0x5EED01, 4096, 0o1666); libc.msgget(0x5EED02, 0o1666); libc.semget(0x5EED03, 1, 0o1666)\n"
+             "libc.syscall(add_key, b'user', b'retool-leak', b'%s', 20, -4)\n"  # -4: the user keyring
+             "import sys\ndata = sys.stdin.read()\nprint(data[:200])  # %s\n") % (MARKER[:20], MARKER)
+    split = MARKER[:6] + "(?:" + MARKER[6] + ")" + MARKER[7:]  # finds the marker without holding it
+    check = ("import ctypes, json, platform, re\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+             "keyctl = {'x86_64': 250, 'aarch64': 219}[platform.machine()]\n"
+             "found = {'shm': libc.shmget(0x5EED01, 0, 0) != -1, 'msg': libc.msgget(0x5EED02, 0) != -1,\n"
+             "         'sem': libc.semget(0x5EED03, 0, 0) != -1,\n"
+             "         'key': libc.syscall(keyctl, 10, -4, b'user', b'retool-leak', 0) > 0}\n"
+             "pat, hits = re.compile(%r.encode()), 0\n"
+             "for line in open('/proc/self/maps').read().splitlines():\n"  # every private writable mapping
+             "    parts = line.split()\n"
+             "    if parts[1] == 'rw-p':\n"
+             "        lo, hi = (int(x, 16) for x in parts[0].split('-'))\n"
+             "        hits += len(pat.findall(ctypes.string_at(lo, hi - lo)))\n"
+             "found['memory'] = hits\nprint(json.dumps(found))") % split
+    for _ in range(2):
+        body = run(sandbox_server, leave, stdin=MARKER * 4000)
+        assert body["status"] == "Success", body["run_result"]["stderr"]
+    for _ in range(4):  # whichever worker answers
+        body = run(sandbox_server, check, run_timeout=20)
+        assert body["status"] == "Success", body["run_result"]["stderr"]
+        found = json.loads(body["run_result"]["stdout"])
+        assert found == {"shm": False, "msg": False, "sem": False, "key": False, "memory": 0}, found
+
+
+def test_memory_budget_covers_the_whole_request(sandbox_server):
+    """Class 4: forked children, memfds and detached SysV shm each stay under a per-process limit."""
+    budget = 128
+    extra = httpx.get(sandbox_server.url + "/health").json().get("warm_rss_mb", 0)
+    ceiling = budget + extra + 64  # what the request may hold at most, with some slack
+    forks = ("import os, time\nr, w = os.pipe()\nfor _ in range(10):\n    if os.fork() == 0:\n        try:\n"
+             "            block = b'x' * (100 << 20); os.write(w, b'1'); time.sleep(3)\n"
+             "        except MemoryError:\n            pass\n        os._exit(0)\n"
+             "os.close(w); held = 0\nwhile True:\n    chunk = os.read(r, 16)\n    if not chunk:\n        break\n"
+             "    held += len(chunk)\nprint(held)")
+    body = run(sandbox_server, forks, memory_limit_MB=budget, run_timeout=20)
+    assert int(body["run_result"]["stdout"] or 0) * 100 <= ceiling, body
+    memfd = ("import os\nfds = []\nfor i in range(20):\n    fd = os.memfd_create('m'); fds.append(fd)\n"
+             "    for _ in range(60):\n        os.write(fd, b'y' * (1 << 20))\n    print((i + 1) * 60, flush=True)")
+    body = run(sandbox_server, memfd, memory_limit_MB=budget, run_timeout=20)
+    held = int((body["run_result"]["stdout"].split() or ["0"])[-1])
+    assert held <= ceiling and body["status"] == "Failed", (held, body["run_result"]["stderr"][-300:])
+    shm = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+           "for i in range(12):\n    sid = libc.shmget(0, 100 << 20, 0o1600)\n    addr = libc.shmat(sid, None, 0)\n"
+           "    ctypes.memset(addr, 1, 100 << 20); libc.shmdt(ctypes.c_void_p(addr))\n    print((i + 1) * 100, flush=True)")
+    body = run(sandbox_server, shm, memory_limit_MB=budget, run_timeout=20)
+    held = int((body["run_result"]["stdout"].split() or ["0"])[-1])
+    assert held <= ceiling and body["status"] == "Failed", (held, body["run_result"]["stderr"][-300:])
+    assert_healthy(sandbox_server)
+
+
+def test_host_unix_sockets_and_host_paths_are_out_of_reach(sandbox_server):
+    """Class 5: a world-writable pathname socket on the host (and an abstract one) must not answer."""
+    import socket
+    import threading
+
+    paths = [f"/var/tmp/retool-test-{os.getpid()}.sock"]
+    if os.access("/run", os.W_OK):
+        paths.append(f"/run/retool-test-{os.getpid()}.sock")
+    abstract = f"\0retool-test-{os.getpid()}"
+    listeners = []
+    for addr in [*paths, abstract]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(addr)
+        if not addr.startswith("\0"):
+            os.chmod(addr, 0o777)
+        s.listen(4)
+        listeners.append(s)
+
+    def answer(s):
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            conn.sendall(b"pong")
+            conn.close()
+
+    for s in listeners:
+        threading.Thread(target=answer, args=(s,), daemon=True).start()
+    hidden = ["/run", "/var", "/home", "/sys", "/etc/shadow", "/etc/hostname", REPO, os.path.join(REPO, "setup.py")]
+    code = ("import os, socket\nfor addr in %r:\n    s = socket.socket(socket.AF_UNIX)\n    s.settimeout(2)\n"
+            "    try:\n        s.connect(addr); print('reached', repr(addr), s.recv(4))\n"
+            "    except OSError as e:\n        print('blocked', type(e).__name__)\n"
+            "print('visible', [p for p in %r if os.path.exists(p)])") % ([*paths, abstract], hidden)
+    try:
+        body = run(sandbox_server, code)
+    finally:
+        for s in listeners:
+            s.close()
+        for p in paths:
+            os.unlink(p)
+    out = body["run_result"]["stdout"]
+    assert "reached" not in out and "visible []" in out, out
+
+
+def test_kernel_interfaces_a_snippet_has_no_use_for_are_closed(sandbox_server):
+    """Beyond the issue's list: an unprivileged user namespace would hand the snippet every capability
+    inside it (mounts, raw sockets, its own network); io_uring bypasses syscall filtering; keyrings
+    outlive requests. All answer EPERM (clone3 ENOSYS, so glibc falls back to the checked clone)."""
+    code = ("import ctypes, errno, os, platform\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "nr = {'x86_64': {'keyctl': 250, 'bpf': 321, 'clone3': 435, 'io_uring_setup': 425},\n"
+            "      'aarch64': {'keyctl': 219, 'bpf': 280, 'clone3': 435, 'io_uring_setup': 425}}[platform.machine()]\n"
+            "def err(ret):\n    return errno.errorcode.get(ctypes.get_errno(), '?') if ret == -1 else 'allowed'\n"
+            "print(err(libc.unshare(0x10000000)), err(libc.unshare(0x40000000)),\n"
+            "      err(libc.syscall(nr['keyctl'], 0, 0, 0, 0, 0)), err(libc.syscall(nr['bpf'], 0, 0, 0)),\n"
+            "      err(libc.syscall(nr['io_uring_setup'], 1, ctypes.create_string_buffer(120))),\n"
+            "      err(libc.syscall(nr['clone3'], 0, 0)), err(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)))")
+    body = run(sandbox_server, code)
+    assert body["run_result"]["stdout"].split() == ["EPERM"] * 5 + ["ENOSYS", "EPERM"], body
+
+
+def test_request_body_over_the_limit_is_413(sandbox_server):
+    """Class 6: the request body has a bound (16 MiB by default)."""
+    r = post_raw(sandbox_server, json.dumps({"code": "#" + "x" * (17 << 20) + "\nprint(1)"}).encode())
+    assert r.status_code == 413 and "limit" in r.text
+
+
+def test_fetch_files_total_is_bounded_whatever_the_aliases(sandbox_server):
+    """Class 6: one 4 MiB file named six ways: the response holds at most the 16 MiB total."""
+    names = ["f", "./f", "d/../f", "/f", "f", "./d/../f", ".//f"]
+    body = run(sandbox_server, "import os\nos.mkdir('d')\nopen('f', 'wb').write(os.urandom(4 << 20))",
+               fetch_files=names)
+    total = sum(len(base64.b64decode(v)) for v in body["files"].values())
+    assert total <= 16 << 20 and "over the" in body["message"], (total, body["message"])
+
+
+def test_fifo_in_fetch_files_does_not_hold_the_worker(sandbox_server):
+    """Class 6: opening a FIFO for reading blocks until a writer comes; the worker must not wait."""
+    t = time.time()
+    body = run(sandbox_server, "import os\nos.mkfifo('pipe')\nos.symlink('/dev/zero', 'zero')",
+               fetch_files=["pipe", "zero"], run_timeout=2)
+    assert time.time() - t < 6, "fetching a FIFO held the worker"
+    assert body["files"] == {} and "not a regular file" in body["message"], body["message"]
+    assert_healthy(sandbox_server)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"code": "print(1)", "run_timeout": NaN}',
+    b'{"code": "print(1)", "memory_limit_MB": Infinity}',
+    b'{"code": "print(1)", "run_timeout": 1e999}',
+    b'{"code": "print(1)", "files": {"\\ud800": ""}}',
+    b'{"code": "print(1)", "fetch_files": ["\\udcff"]}',
+    b'{"code": "print(\'\\ud800\')"}',
+    b'{"code": "print(1)", "stdin": "\\udfff"}',
+    b'{"code": "print(1)", "files": {"a\\u0000b": ""}}',
+    b'{"code": "print(1)", "files": {"a.txt": "not base64!"}}',
+    b'{"code": "print(1)", "fetch_files": [""]}',
+    b'{"code": "print(1)", "files": {"a": "eA=="}, "fetch_files": ["../../etc/passwd"]}',
+    b'{"code": "print(1)"',
+])
+def test_malformed_numbers_and_names_are_client_errors(sandbox_server, raw):
+    """Class 7: NaN/infinite numbers, lone surrogates, NUL, bad base64, escaping names: 4xx with a message."""
+    r = post_raw(sandbox_server, raw)
+    assert r.status_code in (400, 422), (r.status_code, r.text[:300])
+    assert r.json()["detail"]
+
+
+def test_serve_fails_at_once_on_a_busy_port():
+    """Sibling issue: bind before warming workers, so a busy port is reported at once."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        t = time.time()
+        proc = subprocess.run([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port),
+                               "--workers", "2"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    assert "workers ready" not in proc.stderr and "in use" in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - t < 5
+
+
+# -- a one-worker server started from "/", with a short queue ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_worker_server():
+    """One worker, a queue of two, started from "/" with its code in a copy of our tree (with a .env)
+    outside /tmp: where a real checkout lives, unlike this test's tree, which may sit under /tmp."""
+    import shutil
+    import tempfile
+
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    tree = tempfile.mkdtemp(prefix="retool-tree-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    shutil.copytree(os.path.join(REPO, "recipe"), os.path.join(tree, "recipe"),
+                    ignore=shutil.ignore_patterns("__pycache__", "sample_data"))
+    with open(os.path.join(tree, ".env"), "w") as fh:
+        fh.write("HF_TOKEN=canary-in-the-tree\n")
+    env = dict(os.environ, PYTHONPATH=tree)
+    server = LocalSandbox(workers=1, env=env, cwd="/", extra_args=["--preload", "math", "--max-queue", "2"]).wait()
+    server.tree = tree
+    yield server
+    server.stop()
+    shutil.rmtree(tree, ignore_errors=True)
+
+
+def test_server_tree_is_hidden_wherever_the_server_starts(one_worker_server):
+    """Class 8: hidden paths depended on the server's working directory."""
+    tree = one_worker_server.tree
+    code = "import os\nprint([p for p in %r if os.path.exists(p)])" % (
+        [tree, os.path.join(tree, ".env"), os.path.join(tree, "recipe"), REPO, "/root/.bash_history"],)
+    body = run(one_worker_server, code)
+    assert body["run_result"]["stdout"] == "[]\n", body
+
+
+def test_abandoned_request_frees_its_worker(one_worker_server):
+    """Class 6: a client that gives up on a 30 s run must not hold the only worker for 30 s."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(one_worker_server.url + "/run_code", json={"code": "import time\ntime.sleep(30)",
+                                                               "run_timeout": 30}, timeout=1)
+    t = time.time()
+    body = run(one_worker_server, "print('next')")
+    assert body["run_result"]["stdout"] == "next\n" and time.time() - t < 5
+
+
+def test_waiting_requests_are_bounded(one_worker_server):
+    """Class 6: beyond --max-queue waiting requests the server answers 503 at once, never queues forever."""
+    import asyncio
+
+    async def go():
+        async with httpx.AsyncClient(timeout=30) as client:
+            async def one(code, delay=0.0):
+                await asyncio.sleep(delay)  # the quick ones come once the slow one holds the only worker
+                return await client.post(one_worker_server.url + "/run_code", json={"code": code, "run_timeout": 10})
+            return await asyncio.gather(one("import time\ntime.sleep(3)"), *(one("print(1)", 1.0) for _ in range(5)))
+
+    answers = asyncio.run(go())
+    codes = [r.status_code for r in answers]
+    assert codes[0] == 200 and sorted(codes[1:]) == [200, 200, 503, 503, 503], codes
+    assert all("waiting" in r.json()["detail"] for r in answers if r.status_code == 503)
+
+
+# -- a server behind a bearer token (fixture in conftest.py) -------------------------------------
+
+
+def test_token_is_required_when_configured(token_server):
+    """Class 9: with a token configured, nothing runs without it; /v1/ping stays open for health checks."""
+    import asyncio
+
+    from recipe.retool.sandbox.client import SandboxClient
+
+    code = {"code": "print(6 * 7)", "language": "python"}
+    assert httpx.post(token_server.url + "/run_code", json=code).status_code == 401
+    assert httpx.post(token_server.url + "/run_code", json=code,
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(token_server.url + "/health").status_code == 401
+    assert httpx.get(token_server.url + "/v1/ping").text == "pong"
+    ok = httpx.post(token_server.url + "/run_code", json=code, headers={"Authorization": f"Bearer {token_server.token}"})
+    assert ok.status_code == 200 and ok.json()["run_result"]["stdout"] == "42\n"
+
+    async def via_client(token):
+        client = SandboxClient(token_server.url, max_retries=0, token=token)
+        try:
+            return await client.run_code("print(6 * 7)")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(via_client(token_server.token)).stdout == "42\n"
+    denied = asyncio.run(via_client(None))
+    assert denied.status == "ClientError" and "401" in denied.message
+
+
+def test_server_refuses_to_start_without_a_required_token():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RETOOL_SANDBOX_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", "0", "--require-token"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode != 0 and "RETOOL_SANDBOX_TOKEN" in proc.stderr
+
+
+# -- a server without root (user-namespace mode) ----------------------------------------------
+
+
+def _unreachable_dirs(paths: list[str]) -> dict[str, list[str]]:
+    """Directories on the way to ``paths`` that others cannot enter → the children to keep reachable."""
+    plan: dict[str, list[str]] = {}
+    for path in paths:
+        parts = os.path.realpath(path).split("/")[1:]
+        for i in range(1, len(parts)):
+            d = "/" + "/".join(parts[:i])
+            if not os.stat(d).st_mode & 0o001:
+                plan.setdefault(d, [])
+                child = d + "/" + parts[i]
+                if child not in plan[d]:
+                    plan[d].append(child)
+                break
+    return plan
+
+
+def _become_nobody(plan: dict[str, list[str]]) -> None:
+    """preexec: a private mount namespace in which uid 65534 can reach the interpreter, then that uid."""
+    import tempfile
+
+    from recipe.retool.sandbox import isolation as iso
+
+    iso.unshare(iso.CLONE_NEWNS)
+    iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+    for blocked, keep in plan.items():
+        staged = []
+        for path in keep:
+            stage = tempfile.mkdtemp(prefix="retool-stage-")
+            iso.mount(path, stage, None, iso.MS_BIND | iso.MS_REC)
+            staged.append((stage, path))
+        iso.mount("tmpfs", blocked, "tmpfs", 0, "mode=0755")
+        for stage, path in staged:
+            os.makedirs(path, exist_ok=True)
+            iso.mount(stage, path, None, iso.MS_MOVE)
+            os.rmdir(stage)
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
+@pytest.fixture(scope="module")
+def nobody_server():
+    import subprocess
+    import sys
+
+    from recipe.retool.sandbox.local import free_port, stop_process, wait_until_healthy
+
+    port = free_port()
+    args = [sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port), "--workers", "1",
+            "--preload", "math", "--log-level", "warning",
+            "--allow-unsafe"]  # without root there is no cgroup to write to here; the rest still holds
+    env = dict(os.environ, PYTHONPATH=REPO)
+    preexec = None
+    if os.geteuid() == 0:
+        plan = _unreachable_dirs([sys.executable, os.path.realpath(sys.executable), sys.prefix, REPO])
+        preexec = lambda: _become_nobody(plan)  # noqa: E731
+    proc = subprocess.Popen(args, env=env, cwd="/", preexec_fn=preexec)
+    server = type("Server", (), {})()
+    server.url, server.proc = f"http://127.0.0.1:{port}", proc
+    server.alive = lambda: proc.poll() is None
+    wait_until_healthy(server.url + "/v1/ping", 120, proc, "sandbox server (non-root)")
+    yield server
+    stop_process(proc)
+
+
+def test_without_root_a_snippet_cannot_signal_its_worker(nobody_server):
+    """Class 8: in user-namespace mode the children keep the worker's uid; they must still not reach it."""
+    health = httpx.get(nobody_server.url + "/health").json()
+    assert health["capabilities"]["user_namespace"] and not health["capabilities"]["uid_drop"]
+    code = ("import os, signal\nfor sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):\n"
+            "    for pid in list(range(1, 40)) + [-1]:\n        try:\n            os.kill(pid, sig)\n"
+            "        except (OSError, KeyboardInterrupt):\n            pass\n"
+            "        except BaseException:\n            pass\nprint('sent')")
+    for _ in range(2):
+        try:
+            httpx.post(nobody_server.url + "/run_code", json={"code": code, "run_timeout": 5}, timeout=30)
+        except httpx.HTTPError:
+            pass
+    time.sleep(0.5)
+    health = httpx.get(nobody_server.url + "/health").json()
+    assert health["stats"].get("worker_restarts", 0) == 0, health
+    body = run(nobody_server, "print(os.getpid(), os.getuid())".replace("print", "import os\nprint"))
+    assert body["status"] == "Success" and body["run_result"]["stdout"].startswith("1 "), body
+
+
+def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
+    """--fronts N: N HTTP processes accept on one socket, each with its share of the workers."""
+    import signal
+
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    server = LocalSandbox(workers=2, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                          extra_args=["--preload", "math", "--fronts", "2"]).wait()
+    try:
+        def fronts() -> list[int]:
+            with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as fh:
+                return [int(p) for p in fh.read().split()]
+
+        assert len(fronts()) == 2
+        for i in range(10):
+            assert run(server, f"print({i})")["run_result"]["stdout"] == f"{i}\n"
+        os.kill(fronts()[0], signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline and len(fronts()) < 2:
+            time.sleep(0.2)
+        assert len(fronts()) == 2
+        ok = 0
+        while time.time() < deadline and ok < 10:
+            try:
+                ok += run(server, "print('again')")["run_result"]["stdout"] == "again\n"
+            except (httpx.HTTPError, AssertionError):
+                time.sleep(0.2)  # a connection that landed on the restarting front
+        assert ok == 10
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0

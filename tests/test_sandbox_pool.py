@@ -50,3 +50,56 @@ async def test_refuses_to_start_without_isolation_unless_allowed():
         assert resp["run_result"]["stdout"] == "3\n"
     finally:
         await unsafe.close()
+
+
+async def test_health_reports_a_missing_worker_until_it_is_replaced():
+    """Hardening class 2: health must say when the pool is short of a worker, not always "ok"."""
+    pool = WorkerPool(SandboxConfig(workers=2, preload=["math"], warmup=False, grace_s=2.0))
+    await pool.start()
+    try:
+        assert pool.health()["status"] == "ok" and pool.health()["live"] == 2
+        worker = pool._workers[0]
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        for _ in range(2):  # one of these lands on the dead worker
+            await asyncio.wait_for(pool.run({"code": "print(1)", "run_timeout": 5}), 30)
+        health = pool.health()
+        assert health["status"] == "degraded" and health["live"] == 1 and "worker 0" in health["problems"][-1]
+        for _ in range(600):
+            if pool.health()["status"] == "ok":
+                break
+            await asyncio.sleep(0.1)
+        assert pool.health()["live"] == 2
+    finally:
+        await pool.close()
+
+
+async def test_replacement_workers_are_checked_before_they_serve():
+    """Hardening class 8: a replacement that comes up without isolation must never run a request."""
+    pool = WorkerPool(SandboxConfig(workers=1, preload=["math"], warmup=False, grace_s=2.0))
+    await pool.start()
+    try:
+        pool.config.isolate = False  # whatever the cause, the next worker will come up unconfined
+        [worker] = pool._workers.values()
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        first = await asyncio.wait_for(pool.run({"code": "print(1)", "run_timeout": 5}), 30)
+        assert first["status"] == "SandboxError"
+        second = await asyncio.wait_for(pool.run({"code": "print('ran unconfined')", "run_timeout": 5}), 30)
+        assert second["status"] == "SandboxError" and "isolation" in second["message"], second
+        assert pool.health()["status"] == "degraded"
+        assert any("isolation" in p for p in pool.health()["problems"])
+    finally:
+        await pool.close()
+
+
+async def test_every_worker_passes_the_probe_and_runs_confined():
+    """What the start-up probe checks, seen from a request: alone in its pid namespace, seccomp on, no
+    capabilities, its slot's cgroup, no host paths."""
+    pool = WorkerPool(SandboxConfig(workers=1, preload=["math"], warmup=False))
+    await pool.start()
+    try:
+        from recipe.retool.sandbox.pool import PROBE, probe_failures
+
+        resp = await pool.run({"code": PROBE, "run_timeout": 10})
+        assert probe_failures(resp, pool.capabilities) == [], resp
+    finally:
+        await pool.close()

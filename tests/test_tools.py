@@ -42,3 +42,16 @@ async def test_tool_output_is_truncated_in_the_middle(sandbox_server):
 def test_tool_requires_a_url():
     with pytest.raises(ValueError, match="sandbox_fusion_url is required"):
         make_tool("")
+
+
+async def test_tool_sends_the_sandbox_token_from_the_environment(token_server, monkeypatch):
+    monkeypatch.setenv("RETOOL_TEST_SANDBOX_TOKEN", token_server.token)
+    tool = make_tool(token_server.url, sandbox_token_env="RETOOL_TEST_SANDBOX_TOKEN", max_retries=0)
+    resp, _, metrics = await tool.execute("i", {"code": "print(6 * 7)"})
+    assert resp.text == "42" and metrics["status"] == "Success"
+    await tool.client.aclose()
+    monkeypatch.delenv("RETOOL_TEST_SANDBOX_TOKEN")
+    tool = make_tool(token_server.url, sandbox_token_env="RETOOL_TEST_SANDBOX_TOKEN", max_retries=0)
+    resp, _, metrics = await tool.execute("i", {"code": "print(6 * 7)"})
+    assert "HTTP 401" in resp.text and metrics["sandbox_error"]
+    await tool.client.aclose()

@@ -77,6 +77,7 @@ class EvalConfig:
     output: str
     base_url: str = "http://localhost:8000/v1"
     sandbox_url: str = "http://localhost:8080"
+    sandbox_token_env: str = "RETOOL_SANDBOX_TOKEN"  # env var with the sandbox's bearer token (unset: none)
     api_key: str = "EMPTY"
     data: str | None = None
     samples: int = 32
@@ -219,7 +220,8 @@ class Evaluator:
         self.cfg = cfg
         self.client = client or AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key,
                                             timeout=cfg.request_timeout, max_retries=cfg.max_retries)
-        self.sandbox = sandbox or SandboxClient(cfg.sandbox_url, max_concurrency=cfg.concurrency)
+        self.sandbox = sandbox or SandboxClient(cfg.sandbox_url, max_concurrency=cfg.concurrency,
+                                                token=os.environ.get(cfg.sandbox_token_env) or None)
         schema = load_code_tool_schema()
         self.tools = None if cfg.no_tools else [schema]
         self.tool_name = schema["function"]["name"]
@@ -250,8 +252,10 @@ class Evaluator:
         res = await self.sandbox.run_code("print(6 * 7)", run_timeout=self.cfg.code_timeout)
         if not res.ok or res.stdout.strip() != "42":
             detail = res.message or res.stderr or res.stdout or res.status
+            hint = (f"it wants a bearer token: set {self.cfg.sandbox_token_env}" if "HTTP 401" in detail
+                    else "is it running (--sandbox-url)? --no-tools evaluates without one")
             raise EvalError(f"sandbox {self.cfg.sandbox_url} could not run print(6 * 7): {res.status}: "
-                            f"{detail[:300]} — is it running (--sandbox-url)? --no-tools evaluates without one.")
+                            f"{detail[:300]} — {hint}.")
 
     async def run_sample(self, problem: dict[str, Any], sample_idx: int) -> Sample:
         s = Sample(problem=problem["index"], sample=sample_idx)

@@ -36,7 +36,9 @@ from omegaconf.nodes import EnumNode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "modal" / "default.yaml"
-SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY")
+SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", "RETOOL_SANDBOX_TOKEN")
+# the bearer token of the sandbox web endpoint: its server requires it, our tool and evaluation send it
+SANDBOX_TOKEN_ENV = "RETOOL_SANDBOX_TOKEN"
 # image.engine -> the GPU set the image installs (one file per set, also setup.py's extras)
 GPU_REQUIREMENTS = {"sglang": "requirements-gpu.txt", "vllm": "requirements-gpu-vllm.txt"}
 # what every install needs (setup.py's install_requires reads the same file)

@@ -242,7 +242,7 @@ def merge_checkpoint(experiment_name: str, step: int, stage: str = "sft") -> str
     return str(step_dir)
 
 
-@app.function(image=image, env=ENV, timeout=300)
+@app.function(image=image, secrets=SECRETS, env=ENV, timeout=300)
 def check_sandbox_connection() -> dict:
     import asyncio
 
@@ -251,7 +251,7 @@ def check_sandbox_connection() -> dict:
     url = _sandbox_url()
 
     async def probe():
-        client = SandboxClient(url, max_retries=1)
+        client = SandboxClient(url, max_retries=1, token=os.environ.get(launcher.SANDBOX_TOKEN_ENV))
         try:
             ok = await client.ping()
             res = await client.run_code("import sympy\nprint(sympy.factorint(2024))")

@@ -5,20 +5,35 @@
 
 Serves the same FastAPI app as ``python -m recipe.retool.sandbox serve``. Training and evaluation
 find its URL through ``modal.Function.from_name`` unless the experiment config sets ``sandbox.url``.
+
+The endpoint is public: anyone with its URL could run code on the account. So it requires a bearer
+token, ``RETOOL_SANDBOX_TOKEN`` from the local ``.env`` (sent as a Modal secret, like the other
+keys); the container refuses to serve without one. The GRPO tool and the evaluation harness read
+the same variable, which the training and evaluation functions receive through the same secret.
+
 Modal runs containers under gVisor: the server checks at start-up which isolation mechanisms exist
 there and refuses to serve without them unless ``sandbox.allow_unsafe: true`` (logged loudly).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import modal
 
 from recipe.retool import launcher
 
+logger = logging.getLogger(__name__)
+
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
 S = EXP.sandbox
+
+# only the token travels to the sandbox container: it has no use for the other keys
+_TOKEN = launcher.load_env(launcher.REPO_ROOT / ".env").get(launcher.SANDBOX_TOKEN_ENV) if modal.is_local() else None
+if modal.is_local() and not _TOKEN:
+    logger.warning("%s is not set in .env: the deployed sandbox will refuse to serve", launcher.SANDBOX_TOKEN_ENV)
+SECRETS = [modal.Secret.from_dict({launcher.SANDBOX_TOKEN_ENV: _TOKEN} if _TOKEN else {})]
 
 app = modal.App(S.app_name)
 
@@ -32,12 +47,22 @@ image = (
 )
 
 
-@app.function(image=image, cpu=S.cpu, memory=S.memory_mb, max_containers=S.max_containers,
-              scaledown_window=300, timeout=3600, name=S.function)
-@modal.concurrent(max_inputs=S.concurrency)
-@modal.asgi_app()
-def sandbox():
+def create_sandbox_app(environ: dict[str, str] | None = None):
+    """The app the container serves; refuses (RuntimeError) without a token in ``environ``."""
     from recipe.retool.sandbox.pool import SandboxConfig
     from recipe.retool.sandbox.server import create_app
 
-    return create_app(SandboxConfig(workers=S.workers, allow_unsafe=S.allow_unsafe))
+    environ = os.environ if environ is None else environ
+    token = environ.get(launcher.SANDBOX_TOKEN_ENV)
+    if not token:
+        raise RuntimeError(f"refusing to serve a public sandbox endpoint without a bearer token: set "
+                           f"{launcher.SANDBOX_TOKEN_ENV} in .env and redeploy")
+    return create_app(SandboxConfig(workers=S.workers, allow_unsafe=S.allow_unsafe), token=token)
+
+
+@app.function(image=image, cpu=S.cpu, memory=S.memory_mb, max_containers=S.max_containers,
+              scaledown_window=300, timeout=3600, name=S.function, secrets=SECRETS)
+@modal.concurrent(max_inputs=S.concurrency)
+@modal.asgi_app()
+def sandbox():
+    return create_sandbox_app()

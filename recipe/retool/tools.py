@@ -10,6 +10,7 @@ A failing or unreachable sandbox yields a clear message, never an exception in t
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 from uuid import uuid4
 
@@ -26,8 +27,11 @@ logger = logging.getLogger(__name__)
 class SandboxFusionTool(BaseTool):
     """``code_interpreter``: run Python in the sandbox. Config keys (all optional but the URL):
 
-    sandbox_fusion_url, default_timeout, request_timeout, memory_limit_mb, max_concurrency,
-    max_retries, retry_backoff, max_output_chars.
+    sandbox_fusion_url, sandbox_token_env, default_timeout, request_timeout, memory_limit_mb,
+    max_concurrency, max_retries, retry_backoff, max_output_chars.
+
+    ``sandbox_token_env`` names the environment variable holding the sandbox's bearer token
+    (default ``RETOOL_SANDBOX_TOKEN``; unset → no header): the token itself never sits in a config.
     """
 
     def __init__(self, config: dict[str, Any], tool_schema: OpenAIFunctionToolSchema):
@@ -38,8 +42,10 @@ class SandboxFusionTool(BaseTool):
         self.timeout = float(config.get("default_timeout", 30))
         self.memory_limit_mb = int(config.get("memory_limit_mb", 1024))
         self.max_output_chars = int(config.get("max_output_chars", 4096))
+        token_env = config.get("sandbox_token_env") or "RETOOL_SANDBOX_TOKEN"
         self.client = SandboxClient(
             url,
+            token=os.environ.get(token_env) or None,
             max_concurrency=int(config.get("max_concurrency", 64)),
             request_timeout=float(config.get("request_timeout", self.timeout + 30)),
             max_retries=int(config.get("max_retries", 3)),

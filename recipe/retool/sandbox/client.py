@@ -70,8 +70,11 @@ class SandboxClient:
         request_timeout: float = 60.0,
         max_retries: int = 3,
         retry_backoff: float = 0.5,
+        token: str | None = None,
     ):
+        """``token``: sent as ``Authorization: Bearer`` (a server with ``RETOOL_SANDBOX_TOKEN`` set wants it)."""
         self.base_url = base_url.rstrip("/").removesuffix("/run_code")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
@@ -86,7 +89,8 @@ class SandboxClient:
         if state is None or state[0].closed:
             n = self._max_concurrency
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=n), timeout=aiohttp.ClientTimeout(total=self.request_timeout))
+                connector=aiohttp.TCPConnector(limit=n), timeout=aiohttp.ClientTimeout(total=self.request_timeout),
+                headers=self._headers)
             state = (session, asyncio.Semaphore(n))
             self._per_loop[loop_id] = state
         return state

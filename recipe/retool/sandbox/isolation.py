@@ -1,16 +1,25 @@
 """Linux isolation primitives for sandbox workers (ctypes; Python 3.11's ``os`` has no ``unshare``).
 
 A worker confines *itself* once at start-up, then forks one child per request inside that
-confinement (so the per-request cost is a fork, not an interpreter start):
+confinement (so the per-request cost is a fork, not an interpreter start).
 
-- namespaces: network (no interface is up: nothing, not even the server's loopback port, is
-  reachable), pid (the worker is pid 1: the child sees only sandbox processes, and ``kill(-1)``
-  sweeps every leftover process after each run), mount (private ``/tmp`` and ``/dev/shm`` tmpfs,
-  home directories and the server's working tree masked, the root filesystem read-only), ipc, uts;
-  a user namespace first when not running as root.
-- per request: uid/gid drop to a per-worker unprivileged uid when root (else capabilities dropped),
-  ``no_new_privs``, rlimits (address space, CPU, processes, file size, open files, no core files),
-  its own session/process group, a scrubbed environment.
+Once per worker:
+
+- namespaces: network (no interface is up: nothing, not even the server's loopback port or a host
+  abstract unix socket, is reachable), pid, mount, ipc, uts; a user namespace first when not root;
+- an **allowlisted root** (:func:`build_root`): a fresh tmpfs holding read-only bind mounts of the
+  system directories (``/usr``, ``/lib*``, ``/bin``), the Python installation and its
+  site-packages, a handful of ``/etc`` files, ``/dev/{null,zero,full,random,urandom}``, a fresh
+  ``/proc``; then ``pivot_root`` into it and detach the host's tree. Nothing else of the host
+  exists there: not ``/run`` or ``/var`` (their unix sockets), not homes, not the server's
+  working tree wherever it was started from.
+
+Per request (in the child, before the user's code; see ``worker.py``): a new pid namespace (the
+request's first process is its pid 1: when it exits the kernel kills everything it left behind,
+and nothing outside it can be seen or signalled), new ipc and mount namespaces (fresh SysV IPC,
+private ``/tmp``, ``/dev/shm`` and ``/proc``), the slot's cgroup, uid/gid drop to a per-slot
+unprivileged uid when root (else every capability dropped), ``no_new_privs``, the seccomp filter
+(``seccomp.py``), rlimits, a scrubbed environment.
 
 Each step is tried and recorded in :class:`Capabilities`; the server refuses to start when a
 required one is missing unless explicitly allowed (``--allow-unsafe``), and logs what it got.
@@ -24,6 +33,8 @@ import os
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
+
+from recipe.retool.sandbox.seccomp import SYSCALLS, machine
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -52,6 +63,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 def _check(ret: int, what: str) -> None:
@@ -71,6 +83,10 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
 
 def umount(target: str) -> None:
     _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), f"setns({nstype:#x})")
 
 
 def sethostname(name: str) -> None:
@@ -104,29 +120,37 @@ def drop_all_capabilities() -> None:
 class Capabilities:
     """What a worker achieved at start-up (reported to the server, logged, checked)."""
 
-    root: bool = False
+    root: bool = False  # root with a uid range to drop to (else children keep our uid, minus capabilities)
     user_namespace: bool = False
     net_namespace: bool = False
     pid_namespace: bool = False
     mount_namespace: bool = False
     ipc_namespace: bool = False
-    private_tmp: bool = False
+    allowlisted_root: bool = False
     readonly_root: bool = False
     uid_drop: bool = False
-    masked: list[str] = field(default_factory=list)
+    seccomp: bool = False
+    cgroup: str | None = None  # "v1" | "v2": per-request memory and pids budgets
+    exposed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def missing_for_safe_mode(self) -> list[str]:
         """The properties we insist on, by name; empty when the worker is safe to serve."""
         missing = []
         if not self.net_namespace:
-            missing.append("network namespace (code could reach the server and loopback services)")
-        if not (self.pid_namespace or self.uid_drop):
-            missing.append("pid namespace or uid drop (code could signal the server)")
-        if not self.private_tmp:
-            missing.append("private /tmp (runs could leave files for each other)")
-        if not (self.uid_drop or self.readonly_root):
-            missing.append("uid drop or read-only root (code could write outside its work dir)")
+            missing.append("network namespace (code could reach the server, loopback services, host abstract sockets)")
+        if not self.pid_namespace:
+            missing.append("pid namespace (code could see and signal other processes; leftovers would not be reaped)")
+        if not (self.mount_namespace and self.allowlisted_root and self.readonly_root):
+            missing.append("allowlisted read-only root (code could reach host files and unix sockets)")
+        if not self.ipc_namespace:
+            missing.append("ipc namespace (SysV IPC objects would outlive a request)")
+        if not (self.uid_drop or self.user_namespace):
+            missing.append("uid drop or user namespace (code would keep the server's privileges)")
+        if not self.seccomp:
+            missing.append("seccomp filter (keyrings, nested namespaces and io_uring would stay open)")
+        if not self.cgroup:
+            missing.append("memory and pids cgroup (memory_limit_MB would bound one process, not the request)")
         return missing
 
     def as_dict(self) -> dict:
@@ -138,12 +162,26 @@ def _write(path: str, text: str) -> None:
         fh.write(text)
 
 
-def enter_namespaces(caps: Capabilities) -> None:
+def uid_mapped(uid: int) -> bool:
+    """Whether ``uid`` exists in our user namespace (root in a rootless container may have just itself)."""
+    try:
+        with open("/proc/self/uid_map") as fh:
+            for line in fh:
+                inside, _, count = (int(x) for x in line.split())
+                if inside <= uid < inside + count:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def enter_namespaces(caps: Capabilities, drop_to_uid: int) -> None:
     """unshare() into new namespaces (a user namespace first when not root). Records what worked."""
-    caps.root = os.geteuid() == 0
+    is_root = os.geteuid() == 0
+    caps.root = is_root and uid_mapped(drop_to_uid)
     base = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    attempts = [base] if caps.root else [base | CLONE_NEWUSER]
-    attempts.append(CLONE_NEWNET | (0 if caps.root else CLONE_NEWUSER))  # at least the network
+    attempts = [base] if is_root else [base | CLONE_NEWUSER]
+    attempts.append(CLONE_NEWNET | (0 if is_root else CLONE_NEWUSER))  # at least the network
     uid, gid = os.getuid(), os.getgid()
     for flags in attempts:
         try:
@@ -168,45 +206,106 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def setup_mounts(caps: Capabilities, tmp_size_mb: int, mask: list[str], expose: list[str]) -> None:
-    """Inside the new mount namespace (called as pid 1 of the new pid namespace)."""
+# What the allowlisted root holds besides the Python installation (each only if it exists here).
+SYSTEM_DIRS = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
+ETC_FILES = ["passwd", "group", "hosts", "nsswitch.conf", "host.conf", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
+             "localtime", "timezone", "os-release", "alternatives", "mime.types", "protocols", "services"]
+DEV_NODES = ["null", "zero", "full", "random", "urandom"]
+DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}
+NEW_ROOT = "/tmp"  # where the new root is assembled, inside our private mount namespace (a directory every host has)
+# statvfs flags → mount flags to keep when remounting a bind read-only (a user namespace may not drop them)
+_ST_TO_MS = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: 1024, 2048: 2048, 4096: 1 << 21}
+
+
+def _remount_readonly(target: str, extra: int = 0) -> None:
+    keep = 0
+    flags = os.statvfs(target).f_flag
+    for st, ms in _ST_TO_MS.items():
+        if flags & st:
+            keep |= ms
+    mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep | extra)
+
+
+def _bind(src: str, dst: str) -> None:
+    try:
+        mount(src, dst, None, MS_BIND)
+    except OSError as exc:  # a user namespace refuses a non-recursive bind over locked sub-mounts
+        if exc.errno != errno.EINVAL:
+            raise
+        mount(src, dst, None, MS_BIND | MS_REC)
+
+
+def _mirror(src: str, new_root: str, readonly: bool = True, extra: int = MS_NOSUID | MS_NODEV) -> bool:
+    """Make ``src`` appear at the same path under ``new_root``: a symlink is copied, anything else bound."""
+    if not os.path.lexists(src):
+        return False
+    dst = new_root + src
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.islink(src):
+        if not os.path.lexists(dst):
+            os.symlink(os.readlink(src), dst)
+        return True
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    elif not os.path.exists(dst):
+        with open(dst, "w"):
+            pass
+    _bind(src, dst)
+    if readonly:
+        _remount_readonly(dst, extra)
+    return True
+
+
+def _pivot_root(new_root: str, put_old: str) -> None:
+    nr = SYSCALLS.get(machine(), {}).get("pivot_root")
+    if nr is None:
+        raise OSError(errno.ENOSYS, "pivot_root: unknown architecture")
+    _check(_libc.syscall(nr, new_root.encode(), put_old.encode()), "pivot_root")
+
+
+def build_root(caps: Capabilities, expose: list[str], mount_points: list[str]) -> None:
+    """Replace the filesystem view with an allowlist (in our new mount namespace, as its root).
+
+    ``expose``: directories of the Python installation; ``mount_points``: empty directories to
+    create for per-request mounts (``/sandbox``, ``/tmp``, ``/dev/shm``).
+    """
     if not caps.mount_namespace:
         return
+    new = NEW_ROOT
     try:
         mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,nr_inodes=4096,mode=0755")
+        done: list[str] = []
+        for path in SYSTEM_DIRS + sorted(set(expose), key=len):
+            if any(_under(path, d) for d in done):
+                continue  # already inside a bound directory
+            if _mirror(path, new):
+                done.append(path)
+        for name in ETC_FILES:
+            _mirror(f"/etc/{name}", new)
+        os.makedirs(new + "/dev", exist_ok=True)
+        for node in DEV_NODES:
+            if os.path.exists(f"/dev/{node}"):
+                _mirror(f"/dev/{node}", new, extra=MS_NOSUID | MS_NOEXEC)
+        for name, target in DEV_LINKS.items():
+            os.symlink(target, f"{new}/dev/{name}")
+        for point in [*mount_points, "/proc"]:
+            os.makedirs(new + point, exist_ok=True)
         if caps.pid_namespace:
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_size_mb}m,mode=0711")
-        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_size_mb}m,mode=1777")
-        caps.private_tmp = True
+            mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        caps.exposed = sorted(done)
+        os.chdir(new)
+        os.mkdir(".old")
+        _pivot_root(".", ".old")
+        os.chdir("/")
+        umount("/.old")
+        os.rmdir("/.old")
+        caps.allowlisted_root = True
     except OSError as exc:
-        caps.errors.append(str(exc))
+        caps.errors.append(f"allowlisted root: {exc}")
         return
-    # Hide home directories and the server's tree, but keep the interpreter and its packages visible.
-    for directory in mask:
-        if not os.path.isdir(directory) or any(_under(directory, m) and directory != m for m in caps.masked):
-            continue
-        keep = sorted({p for p in expose if _under(p, directory) and os.path.exists(p) and p != directory})
-        keep = [p for p in keep if not any(_under(p, q) and p != q for q in keep)]  # outermost only
-        if any(_under(directory, p) for p in expose if os.path.exists(p)):
-            continue  # masking it would hide the interpreter itself
-        try:
-            staged = []
-            for i, path in enumerate(keep):
-                stage = f"/tmp/.stage{len(caps.masked)}_{i}"
-                os.makedirs(stage)
-                mount(path, stage, None, MS_BIND | MS_REC)
-                staged.append((stage, path))
-            mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-            for stage, path in staged:
-                os.makedirs(path, exist_ok=True)
-                mount(stage, path, None, MS_MOVE)
-                os.rmdir(stage)
-            caps.masked.append(directory)
-        except OSError as exc:
-            caps.errors.append(f"mask {directory}: {exc}")
-    try:  # the root filesystem read-only: world-writable dirs like /var/tmp and /run/lock become unwritable
-        mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    try:
+        mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         caps.readonly_root = True
     except OSError as exc:
         caps.errors.append(f"read-only root: {exc}")
@@ -218,7 +317,7 @@ def setup_mounts(caps: Capabilities, tmp_size_mb: int, mask: list[str], expose: 
 
 
 def python_paths() -> list[str]:
-    """Directories the interpreter needs to keep importing modules after masking."""
+    """Directories of the Python installation that the allowlisted root exposes (read-only)."""
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
     # only library directories: an editable install puts the repo itself on sys.path, and the
     # repo (with its .env) is exactly what we want hidden from sandboxed code
@@ -255,3 +354,9 @@ def current_address_space() -> int:
     """Virtual memory already mapped by this process (the preloaded modules), in bytes."""
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[0]) * resource.getpagesize()
+
+
+def resident_bytes() -> int:
+    """Resident memory of this process, in bytes."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()

@@ -32,24 +32,30 @@ class SandboxConfig:
     default_memory_mb: int = 1024  # when a request sends no (or a non-positive) memory_limit_MB
     max_memory_mb: int = 8192
     max_run_timeout: float = 300.0
-    max_processes: int = 64
+    max_processes: int = 64  # processes and threads of one request (pids cgroup; RLIMIT_NPROC too)
     max_file_mb: int = 64
     max_open_files: int = 256
     max_output_bytes: int = 256 * 1024  # per stream; the rest is counted and replaced by a marker
-    max_fetch_bytes: int = 16 * 1024 * 1024
-    tmp_size_mb: int = 256
+    max_fetch_bytes: int = 16 * 1024 * 1024  # all fetch_files of one response together
+    max_fetch_files: int = 256
+    max_body_mb: int = 16  # a larger request body is answered 413
+    max_queue: int = 1024  # requests waiting for a worker; beyond, 503 at once
+    tmp_size_mb: int = 256  # each request's tmpfs (work dir, /tmp, /dev/shm together)
+    max_inodes: int = 65536  # files and directories on that tmpfs
     warmup: bool = True  # exercise sympy/numpy once per worker so children inherit warm caches
     recycle_after: int = 5000  # requests before a worker is replaced (bounds any slow leak)
     isolate: bool = True
+    cgroups: bool = True  # per-request memory and pids budgets (required unless allow_unsafe)
     allow_unsafe: bool = False
-    uid_base: int = 200_000  # worker i's children run as uid_base + i (root only)
-    mask: list[str] = field(default_factory=lambda: ["/root", "/home", os.getcwd()])
+    uid_base: int = 200_000  # slot i's children run as uid_base + i (root only)
+    slot_base: int = 0  # first slot number of this pool (several front processes share the uid range)
     spawn_timeout: float = 120.0
     grace_s: float = 10.0  # beyond run_timeout before a silent worker is declared dead
+    kill_grace_s: float = 5.0  # after SIGKILL, before a run that will not end makes its worker unhealthy
 
     def worker_env(self) -> dict[str, str]:
         """The only environment workers (and so the code they run) ever see: no secrets."""
-        env = {
+        return {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
             "PYTHONIOENCODING": "utf-8",
@@ -59,13 +65,68 @@ class SandboxConfig:
             "MKL_NUM_THREADS": "1",
             "MPLBACKEND": "Agg",
         }
-        if os.environ.get("PYTHONPATH"):  # where our package lives when it is not installed
+
+    def spawn_env(self) -> dict[str, str]:
+        """The worker process's own environment: the above, plus where our package lives when it is
+        not installed (the worker imports it before confinement; its children never see the path)."""
+        env = self.worker_env()
+        if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         return env
 
 
+# A run every new worker must pass before it serves: the isolation as seen from inside a request.
+PROBE = """
+import json, os
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1].strip()
+print(json.dumps({"pid": os.getpid(), "uid": os.getuid(), "seccomp": status("Seccomp"),
+    "no_new_privs": status("NoNewPrivs"), "cap_eff": status("CapEff"),
+    "visible": [p for p in ("/run", "/var", "/sys", "/boot", "/srv", "/mnt", "/home") if os.path.lexists(p)],
+    "procs": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+    "cgroup": open("/proc/self/cgroup").read()}))
+"""
+
+
+def probe_failures(resp: dict[str, Any], caps: dict[str, Any]) -> list[str]:
+    """What the probe run saw that it should not have (empty when the worker is confined)."""
+    rr = resp.get("run_result") or {}
+    try:
+        seen = json.loads(rr.get("stdout") or "")
+    except ValueError:
+        return [f"probe did not run: {resp.get('status')}: {resp.get('message') or rr.get('stderr', '')[-300:]}"]
+    exposed = caps.get("exposed") or []
+    problems = []
+    if seen["pid"] != 1 or seen["procs"] != [1]:
+        problems.append(f"not alone in its own pid namespace (pid {seen['pid']}, sees {seen['procs'][:10]})")
+    if seen["seccomp"] != "2" or seen["no_new_privs"] != "1":
+        problems.append(f"seccomp {seen['seccomp']}, no_new_privs {seen['no_new_privs']}")
+    if int(seen["cap_eff"], 16) != 0:
+        problems.append(f"effective capabilities {seen['cap_eff']}")
+    visible = [p for p in seen["visible"] if not any(e == p or e.startswith(p + "/") for e in exposed)]
+    if visible:
+        problems.append(f"host paths visible: {visible}")
+    if caps.get("cgroup") and "retool-sandbox-" not in seen["cgroup"]:
+        problems.append("not in its slot's cgroup")
+    return problems
+
+
 class WorkerDied(RuntimeError):
     pass
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are already waiting for a worker."""
+
+
+class Abandoned(RuntimeError):
+    """The client went away before its request got a worker."""
+
+
+class NoWorker(RuntimeError):
+    """No worker is alive and replacing them keeps failing: waiting would be forever."""
 
 
 class _Worker:
@@ -75,15 +136,37 @@ class _Worker:
         self.info = info
         self.runs = 0
 
-    async def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def _write(self, msg: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
         body = json.dumps(msg).encode()
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(_LEN.pack(len(body)) + body)
+
+    async def _read(self) -> bytes:
+        assert self.proc.stdout is not None
+        header = await self.proc.stdout.readexactly(_LEN.size)
+        return await self.proc.stdout.readexactly(_LEN.unpack(header)[0])
+
+    async def call(self, msg: dict[str, Any], timeout: float, abandoned: asyncio.Event | None = None) -> dict[str, Any]:
+        """Send one request and wait for its answer; when ``abandoned`` is set first, ask the worker
+        to kill the run (its answer still comes, and keeps the protocol in step)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            self.proc.stdin.write(_LEN.pack(len(body)) + body)
+            self._write(msg)
+            assert self.proc.stdin is not None
             await self.proc.stdin.drain()
-            header = await asyncio.wait_for(self.proc.stdout.readexactly(_LEN.size), timeout)
-            (n,) = _LEN.unpack(header)
-            data = await asyncio.wait_for(self.proc.stdout.readexactly(n), timeout)
+            read = asyncio.ensure_future(self._read())
+            try:
+                if abandoned is not None:
+                    gone = asyncio.ensure_future(abandoned.wait())
+                    await asyncio.wait({read, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    gone.cancel()
+                    if not read.done() and abandoned.is_set():
+                        self._write({"op": "cancel", "id": msg.get("id")})
+                        await self.proc.stdin.drain()
+                data = await asyncio.wait_for(read, max(deadline - loop.time(), 0.001))
+            finally:
+                read.cancel()
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as exc:
             raise WorkerDied(f"worker {self.slot} died: {type(exc).__name__}") from exc
         except asyncio.TimeoutError as exc:
@@ -98,6 +181,11 @@ class _Worker:
             pass
 
 
+def _sandbox_error(message: str) -> dict[str, Any]:
+    return {"status": "SandboxError", "message": message, "run_result": None, "compile_result": None,
+            "executor_pod_name": None, "files": {}}
+
+
 class WorkerPool:
     def __init__(self, config: SandboxConfig):
         self.config = config
@@ -107,41 +195,88 @@ class WorkerPool:
         self._waiters: deque[asyncio.Future] = deque()
         self._workers: dict[int, _Worker] = {}
         self._replacing: set[asyncio.Task] = set()
+        self._reaping: set[asyncio.Task] = set()
+        self._seq = 0
+        self._closed = False
+        self._spawn_error: str | None = None  # the last failed replacement, until one succeeds
         self.capabilities: dict[str, Any] = {}
         self.preloaded: list[str] = []
+        self.warm_rss_mb = 0  # a request's memory budget comes on top of the warm interpreter's size
+        self.problems: deque[str] = deque(maxlen=20)  # recent worker failures, newest last (for /health)
+        self.cgroup_plan: dict[str, Any] | None = None
+        self.cgroup_error: str | None = None
         self.stats: Counter[str] = Counter()
         self.started_at = time.time()
 
     async def start(self) -> None:
-        workers = await asyncio.gather(*(self._spawn(i) for i in range(self.config.workers)))
+        if self.config.isolate and self.config.cgroups:
+            from recipe.retool.sandbox import cgroup
+
+            try:
+                self.cgroup_plan = cgroup.prepare().as_dict()
+            except cgroup.CgroupUnavailable as exc:
+                self.cgroup_error = str(exc)
+        slots = [self.config.slot_base + i for i in range(self.config.workers)]
+        results = await asyncio.gather(*(self._checked_spawn(s) for s in slots), return_exceptions=True)
+        workers = [r for r in results if isinstance(r, _Worker)]
+        errors = [r for r in results if not isinstance(r, _Worker)]
+        if errors:
+            for w in workers:
+                self._retire(w)
+            if self._reaping:
+                await asyncio.gather(*self._reaping, return_exceptions=True)
+            self._remove_cgroups()
+            first = errors[0]
+            if isinstance(first, BaseException) and not isinstance(first, Exception):
+                raise first
+            raise RuntimeError(str(first)) from first
         first = workers[0].info
         self.capabilities = first["capabilities"]
         self.preloaded = first["preloaded"]
+        self.warm_rss_mb = first.get("warm_rss_mb", 0)
         missing = self._missing(self.capabilities)
         if missing:
-            text = "; ".join(missing)
-            if not self.config.allow_unsafe:
-                for w in workers:
-                    w.kill()
-                raise RuntimeError(f"refusing to serve: sandbox isolation incomplete: {text}. "
-                                   f"Errors: {self.capabilities.get('errors')}. Pass --allow-unsafe to serve anyway.")
-            logger.warning("SANDBOX RUNNING UNSAFE (--allow-unsafe): %s", text)
+            logger.warning("SANDBOX RUNNING UNSAFE (--allow-unsafe): %s", "; ".join(missing))
         logger.info("sandbox workers ready: %d, isolation %s, preloaded %s", len(workers),
-                    {k: v for k, v in self.capabilities.items() if v and k != "errors"}, self.preloaded)
+                    {k: v for k, v in self.capabilities.items() if v and k not in ("errors", "exposed")}, self.preloaded)
         for w in workers:
             self._workers[w.slot] = w
             self._release(w)
 
-    async def _acquire(self) -> _Worker:
+    def _remove_cgroups(self) -> None:
+        if self.cgroup_plan:
+            from recipe.retool.sandbox import cgroup
+
+            cgroup.remove(self.cgroup_plan)
+
+    async def _acquire(self, abandoned: asyncio.Event | None) -> _Worker:
         if self._idle and not self._waiters:
             return self._idle.popleft()
+        if len(self._waiters) >= self.config.max_queue:
+            raise QueueFull(f"{len(self._waiters)} requests are already waiting for a sandbox worker "
+                            f"(--max-queue {self.config.max_queue}); retry later")
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # handed a worker just as we were cancelled
+            if abandoned is None:
+                return await fut
+            gone = asyncio.ensure_future(abandoned.wait())
+            try:
+                await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if fut.done():
+                return fut.result()
+            raise Abandoned("the client went away while waiting for a worker")
+        except (asyncio.CancelledError, Abandoned):
+            if fut.done() and not fut.cancelled():  # handed a worker just as we gave up
                 self._release(fut.result())
+            else:
+                fut.cancel()
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
             raise
 
     def _release(self, worker: _Worker) -> None:
@@ -158,15 +293,18 @@ class WorkerPool:
         from recipe.retool.sandbox.isolation import Capabilities
 
         known = {k: v for k, v in caps.items() if k in Capabilities.__dataclass_fields__}
-        return Capabilities(**known).missing_for_safe_mode()
+        missing = Capabilities(**known).missing_for_safe_mode()
+        if self.cgroup_error and any(m.startswith("memory and pids cgroup") for m in missing):
+            missing = [f"{m}: {self.cgroup_error}" if m.startswith("memory and pids cgroup") else m for m in missing]
+        return missing
 
     async def _spawn(self, slot: int) -> _Worker:
         cfg = asdict(self.config)
-        cfg.update(env=self.config.worker_env(), uid=self.config.uid_base + slot)
+        cfg.update(env=self.config.worker_env(), uid=self.config.uid_base + slot, slot=slot, cgroup=self.cgroup_plan)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "recipe.retool.sandbox.worker", json.dumps(cfg),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=self.config.worker_env(), start_new_session=True,
+            env=self.config.spawn_env(), start_new_session=True,
         )
         assert proc.stdout is not None
         try:
@@ -177,19 +315,79 @@ class WorkerPool:
             raise RuntimeError(f"sandbox worker {slot} failed to start ({type(exc).__name__})") from exc
         return _Worker(slot, proc, info)
 
-    def _replace(self, worker: _Worker) -> None:
+    async def _checked_spawn(self, slot: int) -> _Worker:
+        """Spawn a worker and check it as the first one was: its own report, then a probe run from inside.
+        Every worker, replacements included, passes this before it serves."""
+        worker = await self._spawn(slot)
+        caps = worker.info["capabilities"]
+        problems = self._missing(caps)
+        if not self.config.isolate:
+            problems = problems if not self.config.allow_unsafe else []
+        else:
+            try:
+                self._seq += 1
+                resp = await worker.call({"op": "run", "id": f"probe{self._seq}", "probe": True, "code": PROBE,
+                                          "run_timeout": 30},
+                                         30 + self.config.grace_s)
+            except WorkerDied as exc:
+                resp = _sandbox_error(str(exc))
+            probe = probe_failures(resp, caps)
+            worker.runs = 0
+            if probe:
+                problems += [f"probe: {p}" for p in probe]
+        if problems and not self.config.allow_unsafe:
+            self._retire(worker)
+            raise RuntimeError(f"refusing to serve: sandbox isolation incomplete in worker {slot}: "
+                               f"{'; '.join(problems)}. Errors: {caps.get('errors')}. "
+                               f"Pass --allow-unsafe to serve anyway.")
+        if problems:
+            logger.warning("worker %d serves UNSAFE (--allow-unsafe): %s", slot, "; ".join(problems))
+        return worker
+
+    def _retire(self, worker: _Worker) -> None:
+        """Kill a worker and reap it in the background (its pipes closed, no zombie left)."""
         worker.kill()
+
+        async def reap() -> None:
+            try:
+                await asyncio.wait_for(worker.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                logger.warning("worker %d did not exit after SIGKILL", worker.slot)
+            transport = getattr(worker.proc, "_transport", None)
+            if transport is not None:
+                transport.close()
+
+        task = asyncio.create_task(reap())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    def _replace(self, worker: _Worker, why: str, problem: bool = True) -> None:
+        self._retire(worker)
         self._workers.pop(worker.slot, None)
         self.stats["worker_restarts"] += 1
+        if problem:
+            self.problems.append(f"{time.strftime('%H:%M:%S')} worker {worker.slot} replaced: {why}")
+        if self._closed:
+            return
 
         async def respawn() -> None:
+            delay = 1.0
             while True:
                 try:
-                    new = await self._spawn(worker.slot)
+                    new = await self._checked_spawn(worker.slot)
                     break
                 except RuntimeError as exc:
-                    logger.error("%s; retrying", exc)
-                    await asyncio.sleep(1.0)
+                    logger.error("replacing worker %d: %s; retrying in %.0fs", worker.slot, exc, delay)
+                    self.problems.append(f"{time.strftime('%H:%M:%S')} worker {worker.slot}: {exc}")
+                    self._spawn_error = str(exc)
+                    if not self._workers:  # nobody will serve the waiting requests: tell them now
+                        while self._waiters:
+                            fut = self._waiters.popleft()
+                            if not fut.done():
+                                fut.set_exception(NoWorker(f"no sandbox worker available: {exc}"))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self._spawn_error = None
             self._workers[new.slot] = new
             self._release(new)
 
@@ -197,23 +395,45 @@ class WorkerPool:
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
 
-    async def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run one request on an idle worker; the answer is always a response dict."""
+    def health(self) -> dict[str, Any]:
+        live = len(self._workers)
+        return {"status": "ok" if live == self.config.workers else "degraded",
+                "workers": self.config.workers, "live": live, "idle": len(self._idle),
+                "queued": len(self._waiters), "replacing": len(self._replacing), "problems": list(self.problems)}
+
+    async def run(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> dict[str, Any]:
+        """Run one request on an idle worker; the answer is always a response dict.
+
+        Raises :class:`QueueFull` when too many wait already and :class:`Abandoned` when ``abandoned``
+        is set before a worker was free; once running, ``abandoned`` kills the run."""
         request = dict(request)
         request["run_timeout"] = min(float(request.get("run_timeout") or 10.0), self.config.max_run_timeout)
+        self._seq += 1
+        request.update(op="run", id=self._seq)
         queued = time.perf_counter()
-        worker = await self._acquire()
+        if not self._workers and self._spawn_error:
+            return _sandbox_error(f"no sandbox worker available: {self._spawn_error}")
+        try:
+            worker = await self._acquire(abandoned)
+        except NoWorker as exc:
+            return _sandbox_error(str(exc))
         self.stats["queue_wait_ms_total"] += int((time.perf_counter() - queued) * 1000)
         try:
-            resp = await worker.call(request, request["run_timeout"] + self.config.grace_s)
+            resp = await worker.call(request, request["run_timeout"] + self.config.grace_s, abandoned)
         except WorkerDied as exc:
             logger.error("%s; replacing it", exc)
-            self._replace(worker)
+            self._replace(worker, str(exc))
             self.stats["SandboxError"] += 1
-            return {"status": "SandboxError", "message": str(exc), "run_result": None, "compile_result": None,
-                    "executor_pod_name": None, "files": {}}
-        if worker.runs >= self.config.recycle_after:
-            self._replace(worker)
+            return _sandbox_error(str(exc))
+        except asyncio.CancelledError:
+            self._replace(worker, "a request was cancelled mid-run")  # its protocol is out of step now
+            raise
+        unhealthy = resp.pop("worker_unhealthy", None)
+        if unhealthy:
+            logger.error("worker %d unhealthy after a request (%s); replacing it", worker.slot, unhealthy)
+            self._replace(worker, unhealthy)
+        elif worker.runs >= self.config.recycle_after:
+            self._replace(worker, "recycled", problem=False)
         else:
             self._release(worker)
         self.stats[resp.get("status", "?")] += 1
@@ -221,6 +441,7 @@ class WorkerPool:
         return resp
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._replacing):
             task.cancel()
         for w in self._workers.values():
@@ -233,3 +454,6 @@ class WorkerPool:
             except asyncio.TimeoutError:
                 pass
         self._workers.clear()
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
+        self._remove_cgroups()

@@ -1,52 +1,167 @@
 """HTTP server speaking the SandboxFusion API: ``POST /run_code``, ``GET /v1/ping``, ``GET /health``.
 
-    python -m recipe.retool.sandbox serve --host 127.0.0.1 --port 8080 --workers 8
+    python -m recipe.retool.sandbox serve --host 127.0.0.1 --port 8080 --workers 8 [--fronts 2]
     python -m recipe.retool.sandbox check      # print what isolation this machine allows, then exit
+
+The listening socket is bound before anything else, so a busy port fails at once. ``--fronts N``
+runs N HTTP front processes on that one socket (the kernel hands each new connection to one of
+them), each with its own share of the workers: one Python process parses, validates and encodes
+every request, and on a many-core host that, not the workers, is the ceiling.
+
+Access: with ``RETOOL_SANDBOX_TOKEN`` set in the server's environment every endpoint but
+``/v1/ping`` needs ``Authorization: Bearer <token>`` (``--require-token`` refuses to start without
+one: a public deployment must). Without it the server stays open to clients that send no header
+(verl's helper, the official client), which is meant for loopback use.
+
+Limits: a body over ``--max-body-mb`` is answered 413, more than ``--max-queue`` waiting requests
+503, a malformed request 422 with a message; a request whose client disconnects is dropped from the
+queue, or its run killed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from recipe.retool.sandbox.api import RunCodeRequest, RunCodeResponse
-from recipe.retool.sandbox.pool import SandboxConfig, WorkerPool
+from recipe.retool.sandbox.pool import Abandoned, QueueFull, SandboxConfig, WorkerPool
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LANGUAGES = {"python", "python3"}
+TOKEN_ENV = "RETOOL_SANDBOX_TOKEN"
+OPEN_PATHS = {"/v1/ping"}
 
 
-def create_app(config: SandboxConfig | None = None) -> FastAPI:
+def _json_safe(value: Any) -> Any:
+    """Error details as JSON can carry them: finite numbers, valid UTF-8 (bad input is echoed escaped)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (int, bool)) or value is None:
+        return value
+    return _json_safe(repr(value))
+
+
+def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware: bearer token, request body limit (413), body read before the app sees it."""
+
+    def __init__(self, app: Any, token: str | None, max_body: int):
+        self.app = app
+        self.token = token.encode() if token else None
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.token is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:].strip(), self.token)):
+                resp = _error(401, "missing or wrong bearer token (Authorization: Bearer …)",
+                              {"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send)
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await _error(400, "bad Content-Length")(scope, receive, send)
+        too_large = _error(413, f"request body over the server's limit of {self.max_body} bytes (--max-body-mb)")
+        if declared > self.max_body:
+            return await too_large(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await too_large(scope, receive, send)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: waits for the client to go away
+
+        await self.app(scope, replay, send)
+
+
+def create_app(config: SandboxConfig | None = None, token: str | None = None,
+               on_ready: Callable[[], None] | None = None, front: int = 0) -> FastAPI:
     config = config or SandboxConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool = WorkerPool(config)
-        await pool.start()
+        try:
+            await pool.start()
+        except RuntimeError as exc:
+            logger.error("%s", exc)
+            raise
         app.state.pool = pool
+        if on_ready is not None:
+            on_ready()
         try:
             yield
         finally:
             await pool.close()
 
     app = FastAPI(title="ReTool sandbox (SandboxFusion-compatible)", lifespan=lifespan)
+    app.add_middleware(_Guard, token=token, max_body=config.max_body_mb * 1024 * 1024)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"loc": _json_safe(list(e.get("loc", ()))), "msg": _json_safe(e.get("msg", "")),
+                   "type": _json_safe(e.get("type", ""))} for e in exc.errors()]
+        return _error(422, detail)
 
     @app.post("/run_code", response_model=RunCodeResponse, response_model_exclude_none=False)
-    async def run_code(req: RunCodeRequest) -> Any:
+    async def run_code(req: RunCodeRequest, request: Request) -> Any:
         if req.language.lower() not in SUPPORTED_LANGUAGES:
             return RunCodeResponse(status="SandboxError", message=f"language '{req.language}' is not supported; "
                                    f"supported: {sorted(SUPPORTED_LANGUAGES)}")
-        resp = await app.state.pool.run(req.model_dump())
+        if len(req.fetch_files) > config.max_fetch_files:
+            return _error(422, f"fetch_files lists {len(req.fetch_files)} names; at most {config.max_fetch_files}")
+        abandoned = asyncio.Event()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            abandoned.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            resp = await app.state.pool.run(req.model_dump(), abandoned)
+        except QueueFull as exc:
+            return _error(503, str(exc), {"Retry-After": "1"})
+        except Abandoned:
+            return Response(status_code=499)  # nobody is listening any more
+        finally:
+            watcher.cancel()
         return JSONResponse(resp)
 
     @app.get("/v1/ping")
@@ -54,10 +169,11 @@ def create_app(config: SandboxConfig | None = None) -> FastAPI:
         return PlainTextResponse("pong")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> JSONResponse:
         pool: WorkerPool = app.state.pool
-        return {"status": "ok", "workers": config.workers, "capabilities": pool.capabilities,
-                "preloaded": pool.preloaded, "stats": dict(pool.stats)}
+        body = {**pool.health(), "front": front, "capabilities": pool.capabilities, "preloaded": pool.preloaded,
+                "warm_rss_mb": pool.warm_rss_mb, "cgroup": pool.cgroup_plan, "stats": dict(pool.stats)}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app
 
@@ -76,16 +192,114 @@ def _config_from_args(args: argparse.Namespace) -> SandboxConfig:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     d = SandboxConfig()
     p.add_argument("--workers", type=int, help=f"warm worker processes = max concurrent runs (default {d.workers})")
-    p.add_argument("--default-memory-mb", type=int, help=f"memory limit when a request sends none ({d.default_memory_mb})")
+    p.add_argument("--default-memory-mb", type=int, help=f"memory budget when a request sends none ({d.default_memory_mb})")
     p.add_argument("--max-memory-mb", type=int, help=f"cap on a request's memory_limit_MB ({d.max_memory_mb})")
     p.add_argument("--max-run-timeout", type=float, help=f"cap on a request's run_timeout ({d.max_run_timeout:g}s)")
-    p.add_argument("--max-processes", type=int, help=f"RLIMIT_NPROC per run ({d.max_processes})")
+    p.add_argument("--max-processes", type=int, help=f"processes and threads per run ({d.max_processes})")
     p.add_argument("--max-output-bytes", type=int, help=f"stdout/stderr kept per stream ({d.max_output_bytes})")
-    p.add_argument("--tmp-size-mb", type=int, help=f"private /tmp size per worker ({d.tmp_size_mb})")
+    p.add_argument("--max-fetch-bytes", type=int, help=f"all fetch_files of a response together ({d.max_fetch_bytes})")
+    p.add_argument("--max-body-mb", type=int, help=f"request body limit, else 413 ({d.max_body_mb})")
+    p.add_argument("--max-queue", type=int, help=f"requests waiting for a worker, else 503 ({d.max_queue})")
+    p.add_argument("--tmp-size-mb", type=int, help=f"each request's tmpfs: work dir, /tmp, /dev/shm ({d.tmp_size_mb})")
     p.add_argument("--recycle-after", type=int, help=f"requests before a worker is replaced ({d.recycle_after})")
     p.add_argument("--preload", default=None, help="comma-separated modules imported once per worker")
     p.add_argument("--allow-unsafe", action="store_true", default=None,
-                   help="serve even if namespaces/uid drop are unavailable (logged loudly)")
+                   help="serve even if an isolation mechanism is unavailable (logged loudly)")
+
+
+def default_fronts() -> int:
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any worker starts (so a busy port fails at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve_front(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str,
+                 on_ready: Callable[[], None] | None = None, front: int = 0) -> int:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(config, token, on_ready, front), log_level=log_level,
+                                           access_log=False, timeout_keep_alive=75))
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+def split_workers(total: int, fronts: int) -> list[int]:
+    base, extra = divmod(total, fronts)
+    return [base + (1 if i < extra else 0) for i in range(fronts)]
+
+
+def _supervise(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str, fronts: int) -> int:
+    """Fork ``fronts`` front processes on one socket; restart one that dies after it was ready."""
+    shares = split_workers(config.workers, fronts)
+    ready_r, ready_w = os.pipe()
+    children: dict[int, int] = {}  # pid → front index
+    ready: set[int] = set()
+    stopping = False
+
+    def start(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            cfg = replace(config, workers=shares[i], slot_base=sum(shares[:i]))
+            code = 1
+            try:
+                code = _serve_front(sock, cfg, token, log_level, lambda: os.write(ready_w, bytes([i])), front=i)
+            finally:
+                os._exit(code)
+        children[pid] = i
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(fronts):
+        start(i)
+    code = 0
+    while children:
+        r, _, _ = select.select([ready_r], [], [], 0.5)
+        if r:
+            for b in os.read(ready_r, 64):
+                ready.add(b)
+                if len(ready) == fronts:
+                    logger.info("%d fronts ready, %s workers", fronts, shares)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            i = children.pop(pid)
+            if stopping:
+                continue
+            if i not in ready:
+                logger.error("front %d exited before it was ready; stopping", i)
+                code = 1
+                stop()
+                continue
+            logger.error("front %d exited (status %d); restarting it", i, status)
+            ready.discard(i)
+            start(i)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--log-level", default="info")
+    s.add_argument("--fronts", type=int, default=None,
+                   help=f"HTTP front processes sharing the port (default {default_fronts()}: one per 4 cores)")
+    s.add_argument("--require-token", action="store_true",
+                   help=f"refuse to start unless {TOKEN_ENV} is set (for any server reachable beyond loopback)")
     _add_config_args(s)
     c = sub.add_parser("check", help="start one worker, print its isolation report as JSON, exit non-zero if unsafe")
     _add_config_args(c)
@@ -103,25 +321,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _config_from_args(args)
     if args.cmd == "check":
-        config.workers = 1
-        config.allow_unsafe = True
-
-        async def probe() -> dict[str, Any]:
-            pool = WorkerPool(config)
-            await pool.start()
-            try:
-                res = await pool.run({"code": "print(1 + 1)", "run_timeout": 10})
-                return {"capabilities": pool.capabilities, "missing": pool._missing(pool.capabilities),
-                        "preloaded": pool.preloaded, "smoke_run": res}
-            finally:
-                await pool.close()
-
-        report = asyncio.run(probe())
-        print(json.dumps(report, indent=2))
-        return 1 if report["missing"] else 0
-    import uvicorn
-
+        return _check(config)
+    token = os.environ.get(TOKEN_ENV) or None
+    if args.require_token and not token:
+        logger.error("--require-token: set %s in the server's environment", TOKEN_ENV)
+        return 2
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 2
+    fronts = args.fronts or min(default_fronts(), config.workers)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=False, timeout_keep_alive=75)
-    return 0
+    logger.info("listening on %s:%d (%d front%s), auth %s", args.host, args.port, fronts, "s" * (fronts > 1),
+                "bearer token" if token else "none")
+    if fronts == 1:
+        return _serve_front(sock, config, token, args.log_level)
+    return _supervise(sock, config, token, args.log_level, fronts)
+
+
+def _check(config: SandboxConfig) -> int:
+    config.workers = 1
+    config.allow_unsafe = True
+
+    async def probe() -> dict[str, Any]:
+        pool = WorkerPool(config)
+        await pool.start()
+        try:
+            res = await pool.run({"code": "print(1 + 1)", "run_timeout": 10})
+            return {"capabilities": pool.capabilities, "missing": pool._missing(pool.capabilities),
+                    "cgroup": pool.cgroup_plan, "preloaded": pool.preloaded, "smoke_run": res}
+        finally:
+            await pool.close()
+
+    report = asyncio.run(probe())
+    print(json.dumps(report, indent=2))
+    sys.stdout.flush()
+    return 1 if report["missing"] else 0

@@ -3,25 +3,45 @@
 Started by the pool as ``python -m recipe.retool.sandbox.worker CONFIG_JSON`` with a scrubbed
 environment; speaks length-prefixed JSON on its stdin/stdout (4-byte big-endian length + body).
 
-Start-up: import the preload modules (sympy, numpy, …) → enter new namespaces → fork pid 1 of the
-new pid namespace, which sets up mounts and serves requests; the outer process only waits.
-Per request: fresh work dir → fork → child drops privileges, applies rlimits and runs the code
-as ``__main__`` in the already-warm interpreter → parent collects capped output under a wall-clock
-deadline → every process left in the namespace is killed → work dir and shared tmpfs wiped.
+Start-up: import the preload modules (sympy, numpy, …) and exercise them → join nothing yet, but
+open this slot's cgroup → enter new namespaces → fork pid 1 of the new pid namespace (the
+*manager*), which pivots into the allowlisted root and forks the *zygote*; the outer process only
+waits. Two processes inside, for one reason: the zygote, whose memory every request child
+inherits, never sees a request's data (code, stdin, files, output): the manager handles all of
+that, and tells the zygote only "fork now, with these limits and these pipes". So nothing of one
+request can be read back from memory by the next.
+
+Per request (manager): a fresh tmpfs at ``/sandbox`` (the work dir ``/sandbox/work``, the
+request's ``/tmp`` and ``/dev/shm``, its stdin), input files written while no process of the
+request exists yet → the slot's cgroup limits set → the zygote forks the child into a new pid
+namespace → the child joins the cgroup, takes new mount and ipc namespaces, drops privileges,
+applies rlimits and the seccomp filter and runs the code as ``__main__`` in the already-warm
+interpreter → the manager collects capped output under a wall-clock deadline (or kills the run when
+the pool cancels it) → the child's exit ends its pid namespace, so every process it left is gone
+before anything else happens → ``fetch_files`` are read with the sandbox uid's rights, beneath the
+work dir, regular files only, within one response budget → the tmpfs is detached (its size does not
+matter: a deep tree costs nothing to drop). A clean-up that fails marks the worker unhealthy: it
+answers the request, then exits, and the pool replaces it.
 """
 
 from __future__ import annotations
 
 import base64
 import builtins
+import ctypes
+import errno
 import gc
 import importlib
 import io
 import json
 import os
+import posixpath
+import resource
 import select
 import shutil
 import signal
+import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -29,11 +49,18 @@ import time
 import traceback
 from typing import Any
 
-from recipe.retool.sandbox import isolation
+from recipe.retool.sandbox import isolation, seccomp
+from recipe.retool.sandbox.cgroup import SlotCgroup
 from recipe.retool.sandbox.isolation import Capabilities, Limits
 
 _LEN = struct.Struct(">I")
 TRUNCATION_MARKER = "\n[... output truncated: {omitted} more bytes ...]"
+SETUP_FAILED = 121  # the child's exit status when the sandbox could not set the run up
+SYS_OPENAT2 = 437  # the same number on every architecture
+RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_BENEATH = 0x01, 0x02, 0x08
+AREA = "/sandbox"  # each request's tmpfs, inside the allowlisted root
+WORKDIR = f"{AREA}/work"
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,44 +93,122 @@ def send(fd: int, msg: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# paths
+# ----------------------------------------------------------------------------------------------
+
+
+def relative_name(name: str, workdir: str) -> str:
+    """A request's file name as a path beneath the work dir; ValueError when it is not one."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"file path {name!r} is empty or contains NUL")
+    if name.startswith(workdir + "/"):
+        name = name[len(workdir) + 1 :]
+    rel = posixpath.normpath(name.lstrip("/"))
+    if rel in (".", "") or rel == ".." or rel.startswith("../"):
+        raise ValueError(f"file path {name!r} leaves the work dir")
+    return rel
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_beneath(dirfd: int, rel: str) -> int:
+    """Open ``rel`` for reading without leaving ``dirfd`` (no escaping or magic links, no FIFO wait)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    how = _OpenHow(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)
+    fd = _libc.syscall(SYS_OPENAT2, dirfd, rel.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    if err != errno.ENOSYS:
+        raise OSError(err, os.strerror(err))
+    # kernels before 5.6: walk the components ourselves and follow no symlink at all
+    parts = rel.split("/")
+    cur = os.dup(dirfd)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+            os.close(cur)
+            cur = nxt
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=cur)
+    finally:
+        os.close(cur)
+
+
+# ----------------------------------------------------------------------------------------------
 # the request child
 # ----------------------------------------------------------------------------------------------
 
 
-def _child_main(code: str, workdir: str, stdin_path: str, out_w: int, err_w: int, cfg: dict[str, Any],
-                limits: Limits, caps: Capabilities) -> None:
-    """Runs in the forked child; never returns."""
+def _child_main(cmd: dict[str, Any], out_w: int, err_w: int, status_w: int, cfg: dict[str, Any],
+                caps: Capabilities, cgroup_fds: list[int]) -> None:
+    """Runs in the forked child (pid 1 of its own pid namespace when we have one); never returns."""
+    status_fd = status_w
     try:
         os.setsid()
-        os.chdir(workdir)
-        fd_in = os.open(stdin_path, os.O_RDONLY)
+        for fd in cgroup_fds:  # join the slot's cgroups before anything of ours is allocated
+            os.write(fd, b"0")
+        area = cmd["area"]
+        if caps.allowlisted_root:
+            isolation.unshare(isolation.CLONE_NEWNS | isolation.CLONE_NEWIPC)
+            isolation.mount(None, "/", None, isolation.MS_REC | isolation.MS_PRIVATE)
+            isolation.mount(f"{area}/tmp", "/tmp", None, isolation.MS_BIND)
+            isolation.mount(f"{area}/shm", "/dev/shm", None, isolation.MS_BIND)
+            if caps.pid_namespace:
+                isolation.mount("proc", "/proc", "proc", isolation.MS_NOSUID | isolation.MS_NODEV | isolation.MS_NOEXEC)
+        elif caps.ipc_namespace:
+            isolation.unshare(isolation.CLONE_NEWIPC)
+        os.chdir(cmd["workdir"])
+        fd_in = os.open(f"{area}/.stdin", os.O_RDONLY)
         os.dup2(fd_in, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        os.closerange(3, 65536)
+        os.dup2(status_w, 3)
+        status_fd = 3
+        os.closerange(4, min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20))
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-        isolation.apply_limits(limits)
+        isolation.apply_limits(Limits(**cmd["limits"]))
         if caps.uid_drop:
             uid = int(cfg["uid"])
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-        elif caps.user_namespace:
+        elif caps.user_namespace or os.geteuid() == 0:
             isolation.drop_all_capabilities()
         isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
+        if caps.seccomp:
+            seccomp.install()
         os.environ.clear()
         os.environ.update(cfg["env"])
-        os.environ.update({"HOME": workdir, "TMPDIR": workdir, "PWD": workdir})
+        workdir = cmd["workdir"]
+        os.environ.update({"HOME": workdir, "TMPDIR": "/tmp" if caps.allowlisted_root else workdir, "PWD": workdir})
         sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=False)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
         sys.argv = [os.path.join(workdir, "main.py")]
         sys.path[0] = workdir  # as for `python main.py`: the script's directory first
+        with open(sys.argv[0], encoding="utf-8") as fh:
+            code = fh.read()
+        os.close(3)
     except BaseException:
-        os.write(2, f"sandbox set-up failed: {traceback.format_exc()}".encode())
-        os._exit(121)
+        try:
+            os.write(status_fd, f"sandbox set-up failed: {traceback.format_exc()}".encode())
+        finally:
+            os._exit(SETUP_FAILED)
     status = 0
     try:
         program = compile(code, sys.argv[0], "exec")
@@ -135,116 +240,235 @@ def _child_main(code: str, workdir: str, stdin_path: str, out_w: int, err_w: int
 
 
 # ----------------------------------------------------------------------------------------------
-# the worker
+# the zygote: the pristine warm interpreter that forks request children
 # ----------------------------------------------------------------------------------------------
 
 
-class Worker:
-    def __init__(self, cfg: dict[str, Any], caps: Capabilities):
+def _zygote(sock: socket.socket, cfg: dict[str, Any], caps: Capabilities, cgroup_fds: list[int]) -> None:
+    """Fork one child per command; report its pid, then its exit. Never returns."""
+    isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC) if caps.pid_namespace else -1
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 65536, 3)
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)
+        cmd = json.loads(msg)
+        out_w, err_w, status_w = fds
+        pid, error = -1, ""
+        try:
+            if own_pidns >= 0:
+                isolation.unshare(isolation.CLONE_NEWPID)  # the next child is pid 1 of a new namespace
+            try:
+                pid = os.fork()
+            finally:
+                if own_pidns >= 0 and pid != 0:
+                    isolation.setns(own_pidns, isolation.CLONE_NEWPID)  # back, so the next unshare works
+        except OSError as exc:
+            error = str(exc)
+        if pid == 0:
+            _child_main(cmd, out_w, err_w, status_w, cfg, caps, cgroup_fds)
+        for fd in fds:
+            os.close(fd)
+        if pid < 0:
+            sock.send(json.dumps({"error": error}).encode())
+            continue
+        sock.send(json.dumps({"pid": pid}).encode())
+        _, status, ru = os.wait4(pid, 0)  # returns once the child's whole pid namespace is gone
+        sock.send(json.dumps({"status": status, "cpu": ru.ru_utime + ru.ru_stime}).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# the manager: handles the requests' data, never forks from it
+# ----------------------------------------------------------------------------------------------
+
+
+class Unhealthy(Exception):
+    """This worker can no longer guarantee a clean run: answer, then exit to be replaced."""
+
+
+class Manager:
+    def __init__(self, cfg: dict[str, Any], caps: Capabilities, cgroup: SlotCgroup | None, zsock: socket.socket,
+                 zygote_pid: int, proto_in: int, warm_rss: int, base_vm: int):
         self.cfg = cfg
         self.caps = caps
+        self.cgroup = cgroup
+        self.zsock = zsock
+        self.zygote_pid = zygote_pid
+        self.proto_in = proto_in
+        self.warm_rss = warm_rss
+        self.base_vm = base_vm
         self.runs = 0
-        self.base_vm = isolation.current_address_space()
+        self.area = AREA if caps.allowlisted_root else tempfile.mkdtemp(prefix="retool-sandbox-")
+        self.workdir = f"{self.area}/work"
+        self.uid = int(cfg["uid"]) if caps.uid_drop else -1
+        if self.uid >= 0:
+            os.setgroups([])  # no supplementary groups while reading files as the sandbox uid
 
-    def _limits(self, req: dict[str, Any]) -> Limits:
+    # -- per request set-up and clean-up ---------------------------------------------------------
+
+    def _prepare(self, req: dict[str, Any]) -> None:
+        if self.caps.allowlisted_root:
+            try:
+                isolation.mount("tmpfs", self.area, "tmpfs", isolation.MS_NOSUID | isolation.MS_NODEV,
+                                f"size={self.cfg['tmp_size_mb']}m,nr_inodes={self.cfg['max_inodes']},mode=0755")
+            except OSError as exc:
+                raise Unhealthy(f"cannot mount the work area: {exc}") from exc
+        else:
+            os.makedirs(self.area, exist_ok=True)
+        for sub, mode in (("work", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
+            path = f"{self.area}/{sub}"
+            os.mkdir(path)
+            os.chmod(path, mode)
+            if self.uid >= 0 and sub == "work":
+                os.chown(path, self.uid, self.uid)
+        self._write_file(f"{self.area}/.stdin", (req.get("stdin") or "").encode("utf-8"), own=False)
+        for name, content in (req.get("files") or {}).items():
+            rel = relative_name(name, self.workdir)
+            parent = self.workdir
+            for part in rel.split("/")[:-1]:
+                parent = f"{parent}/{part}"
+                if not os.path.isdir(parent):
+                    os.mkdir(parent, 0o755)
+                    if self.uid >= 0:
+                        os.chown(parent, self.uid, self.uid)
+            self._write_file(f"{self.workdir}/{rel}", base64.b64decode(content, validate=True) if content else b"")
+        self._write_file(f"{self.workdir}/main.py", req["code"].encode("utf-8"))
+
+    def _write_file(self, path: str, data: bytes, own: bool = True) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644 if own else 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if own and self.uid >= 0:
+                os.fchown(fd, self.uid, self.uid)
+        finally:
+            os.close(fd)
+
+    def _cleanup(self) -> None:
+        """Drop the request's tmpfs whole (O(1) whatever it holds); any failure makes us unhealthy."""
+        if self.caps.allowlisted_root:
+            try:
+                isolation.umount(self.area)
+            except OSError as exc:
+                raise Unhealthy(f"cannot detach the work area: {exc}") from exc
+            if os.listdir(self.area):
+                raise Unhealthy("the work area is not empty after detaching it")
+        else:
+            shutil.rmtree(self.area, ignore_errors=True)
+            if os.path.exists(self.area):
+                raise Unhealthy(f"cannot remove {self.area}")
+        try:
+            done, _ = os.waitpid(self.zygote_pid, os.WNOHANG)
+        except ChildProcessError:
+            done = self.zygote_pid
+        if done:
+            raise Unhealthy("the zygote exited")
+
+    def _limits(self, req: dict[str, Any]) -> tuple[Limits, int]:
         mem_mb = req.get("memory_limit_MB")
         if mem_mb is None or mem_mb <= 0:
             mem_mb = self.cfg["default_memory_mb"]
         mem_mb = min(int(mem_mb), self.cfg["max_memory_mb"])
-        timeout = float(req["run_timeout"])
-        return Limits(
-            # the user's budget comes on top of what the warm interpreter has already mapped
+        limits = Limits(
+            # per process: the budget on top of what the warm interpreter already maps (a clean MemoryError)
             memory_bytes=self.base_vm + mem_mb * 1024 * 1024,
-            cpu_seconds=int(timeout) + 1,
+            cpu_seconds=int(float(req["run_timeout"])) + 1,
             max_processes=self.cfg["max_processes"],
             max_file_bytes=self.cfg["max_file_mb"] * 1024 * 1024,
             max_open_files=self.cfg["max_open_files"],
         )
+        return limits, mem_mb
 
-    def _workdir(self) -> str:
-        root = self.cfg["work_root"]
-        os.makedirs(root, mode=0o711, exist_ok=True)
-        path = os.path.join(root, f"run{self.runs}")
-        os.makedirs(path, mode=0o700)
-        if self.caps.uid_drop:
-            os.chown(path, int(self.cfg["uid"]), int(self.cfg["uid"]))
-        return path
-
-    @staticmethod
-    def _safe_path(workdir: str, name: str) -> str:
-        path = os.path.realpath(os.path.join(workdir, name.lstrip("/") if not name.startswith(workdir) else name))
-        if not (path == workdir or path.startswith(workdir + "/")):
-            raise ValueError(f"file path {name!r} leaves the work dir")
-        return path
+    # -- one request -------------------------------------------------------------------------------
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        self.runs += 1
-        workdir = self._workdir()
+        if not req.get("probe"):  # the pool's start-up probe does not count towards recycling
+            self.runs += 1
         try:
-            return self._run(req, workdir)
-        finally:
-            self._sweep()
-            self._wipe(workdir)
-
-    def _run(self, req: dict[str, Any], workdir: str) -> dict[str, Any]:
-        uid = int(self.cfg["uid"]) if self.caps.uid_drop else -1
-        try:
-            for name, content in (req.get("files") or {}).items():
-                path = self._safe_path(workdir, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as fh:
-                    fh.write(base64.b64decode(content) if content else b"")
-                if uid >= 0:
-                    os.chown(path, uid, uid)
-        except (ValueError, OSError) as exc:
+            self._prepare(req)
+        except Unhealthy:
+            raise
+        except (ValueError, OSError, UnicodeError) as exc:
+            self._cleanup()
             return {"status": "SandboxError", "message": f"cannot write input files: {exc}"}
-        stdin_path = os.path.join(workdir, ".stdin")
-        with open(stdin_path, "w") as fh:
-            fh.write(req.get("stdin") or "")
-        with open(os.path.join(workdir, "main.py"), "w") as fh:
-            fh.write(req["code"])
-        limits = self._limits(req)
+        try:
+            return self._run(req)
+        finally:
+            self._cleanup()
+
+    def _run(self, req: dict[str, Any]) -> dict[str, Any]:
+        limits, mem_mb = self._limits(req)
+        oom_before = 0
+        if self.cgroup is not None:
+            try:
+                self.cgroup.set_limits(mem_mb * 1024 * 1024 + self.warm_rss, self.cfg["max_processes"])
+                oom_before = self.cgroup.oom_kills()
+            except OSError as exc:
+                raise Unhealthy(f"cannot set the request's cgroup limits: {exc}") from exc
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        st_r, st_w = os.pipe()
+        cmd = {"area": self.area, "workdir": self.workdir, "limits": limits.__dict__}
         start = time.perf_counter()
-        pid = os.fork()
-        if pid == 0:
-            os.close(out_r)
-            os.close(err_r)
-            _child_main(req["code"], workdir, stdin_path, out_w, err_w, self.cfg, limits, self.caps)
-        os.close(out_w)
-        os.close(err_w)
+        try:
+            socket.send_fds(self.zsock, [json.dumps(cmd).encode()], [out_w, err_w, st_w])
+        finally:
+            for fd in (out_w, err_w, st_w):
+                os.close(fd)
+        try:
+            reply = self._zygote_reply(10.0)
+        except Unhealthy:
+            for fd in (out_r, err_r, st_r):
+                os.close(fd)
+            raise
+        if "pid" not in reply:
+            for fd in (out_r, err_r, st_r):
+                os.close(fd)
+            return {"status": "SandboxError", "message": f"cannot start the run: {reply.get('error')}"}
         deadline = start + float(req["run_timeout"])
-        stdout, stderr, timed_out, wait_status, rusage = self._collect(pid, out_r, err_r, deadline)
+        stdout, stderr, ended, why = self._collect(reply["pid"], out_r, err_r, deadline, req.get("id"))
         elapsed = time.perf_counter() - start
-        fetched, missing = {}, []
-        for name in req.get("fetch_files") or []:
-            try:
-                path = self._safe_path(workdir, name)
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                with os.fdopen(fd, "rb") as fh:
-                    fetched[name] = base64.b64encode(fh.read(self.cfg["max_fetch_bytes"])).decode()
-            except (ValueError, OSError):
-                missing.append(name)
-        if timed_out:
+        os.set_blocking(st_r, False)
+        try:
+            setup_error = os.read(st_r, 65536).decode("utf-8", "replace")
+        except BlockingIOError:
+            setup_error = ""
+        os.close(st_r)
+        wait_status, cpu = ended["status"], ended.get("cpu")
+        oom = self.cgroup is not None and self.cgroup.oom_kills() > oom_before
+        if why == "cancelled":
+            return {"status": "SandboxError", "message": "cancelled: the client went away"}
+        if setup_error and os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == SETUP_FAILED:
+            return {"status": "SandboxError", "message": setup_error[-2000:], "compile_result": None,
+                    "run_result": {"status": "Error", "execution_time": round(elapsed, 6), "cpu_time": None,
+                                   "return_code": None, "stdout": "", "stderr": ""},
+                    "executor_pod_name": None, "files": {}}
+        if why == "timeout":
             run_status, return_code = "TimeLimitExceeded", None
         elif os.WIFEXITED(wait_status):
-            return_code = os.WEXITSTATUS(wait_status)
-            run_status = "Finished" if return_code == 0 else "Error"
+            run_status, return_code = "Finished", os.WEXITSTATUS(wait_status)
         else:
             sig = os.WTERMSIG(wait_status)
             return_code = -sig
-            run_status = "TimeLimitExceeded" if sig == signal.SIGXCPU else "Error"
-            stderr += f"\n[killed by signal {signal.Signals(sig).name}]" if sig in signal.Signals._value2member_map_ else ""
-        message = f"files not found: {missing}" if missing else ""
+            run_status = "TimeLimitExceeded" if sig == signal.SIGXCPU else "Finished"
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            stderr += f"\n[killed by signal {name}]"
+        if oom:
+            stderr += f"\n[a process was killed: the request's memory budget ({mem_mb} MB) was exhausted]"
+        fetched, problems = self._fetch(req.get("fetch_files") or [])
+        ok = run_status == "Finished" and return_code == 0
         return {
-            "status": "Success" if run_status == "Finished" else "Failed",
-            "message": message,
+            "status": "Success" if ok else "Failed",
+            "message": "; ".join(problems),
             "compile_result": None,
             "run_result": {
                 "status": run_status,
                 "execution_time": round(elapsed, 6),
-                "cpu_time": round(rusage.ru_utime + rusage.ru_stime, 6) if rusage else None,
+                "cpu_time": round(cpu, 6) if cpu is not None else None,
                 "return_code": return_code,
                 "stdout": stdout,
                 "stderr": stderr,
@@ -253,49 +477,60 @@ class Worker:
             "files": fetched,
         }
 
-    def _collect(self, pid: int, out_r: int, err_r: int, deadline: float):
+    def _zygote_reply(self, timeout: float) -> dict[str, Any]:
+        ready, _, _ = select.select([self.zsock], [], [], timeout)
+        if not ready:
+            raise Unhealthy(f"the zygote did not answer within {timeout:.0f}s")
+        data = self.zsock.recv(65536)
+        if not data:
+            raise Unhealthy("the zygote is gone")
+        return json.loads(data)
+
+    def _collect(self, pid: int, out_r: int, err_r: int, deadline: float,
+                 req_id: Any) -> tuple[str, str, dict[str, Any], str | None]:
+        """Output (capped) until the zygote reports the end of the run; kill at the deadline or on cancel."""
         cap = self.cfg["max_output_bytes"]
         bufs = {out_r: bytearray(), err_r: bytearray()}
         total = {out_r: 0, err_r: 0}
         open_fds = {out_r, err_r}
-        pidfd = os.pidfd_open(pid)  # readable once the child has exited: one select() waits for both
-        timed_out = False
-        wait_status, rusage = 0, None
-        exited_at = None
+        why, ended, killed_at = None, None, None
+        zfd = self.zsock.fileno()
         try:
-            while True:
+            while ended is None or open_fds:
                 now = time.perf_counter()
-                if exited_at is None:
-                    done_pid, status, ru = os.wait4(pid, os.WNOHANG)
-                    if done_pid:
-                        exited_at, wait_status, rusage = now, status, ru
-                # stop when the child has exited and its output is closed, or shortly after it exited
-                # even if a leftover grandchild still holds the pipe open (the sweep kills it)
-                if exited_at is not None and (not open_fds or now - exited_at > 0.05):
-                    break
-                if exited_at is None and now >= deadline:
-                    timed_out = True
-                    self._kill_tree(pid)
-                    _, wait_status, rusage = os.wait4(pid, 0)
-                    break
-                watch = list(open_fds) + ([pidfd] if exited_at is None else [])
-                timeout = 0.05 if exited_at is not None else deadline - now
-                ready, _, _ = select.select(watch, [], [], max(timeout, 0.0))
+                if ended is None and killed_at is None and now >= deadline:
+                    why = "timeout"
+                    killed_at = self._kill(pid)
+                if killed_at is not None and ended is None and now - killed_at > self.cfg["kill_grace_s"]:
+                    raise Unhealthy(f"a run did not end {self.cfg['kill_grace_s']:g}s after SIGKILL")
+                watch = list(open_fds) + ([zfd, self.proto_in] if ended is None else [])
+                wait = 0.05 if ended is not None else (deadline - now if killed_at is None else 0.1)
+                ready, _, _ = select.select(watch, [], [], max(wait, 0.0))
+                if ended is not None and not ready:
+                    break  # the run is over (its namespace is gone): nothing more can arrive
                 for fd in ready:
-                    if fd == pidfd:
-                        continue
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        open_fds.discard(fd)
-                        continue
-                    total[fd] += len(chunk)
-                    room = cap - len(bufs[fd])
-                    if room > 0:
-                        bufs[fd] += chunk[:room]
+                    if fd == zfd:
+                        ended = self._zygote_reply(0)
+                    elif fd == self.proto_in:
+                        try:
+                            msg = recv(self.proto_in)
+                        except EOFError:
+                            msg = {"op": "cancel", "id": req_id}
+                        if msg.get("op") == "cancel" and msg.get("id") == req_id and killed_at is None:
+                            why = "cancelled"
+                            killed_at = self._kill(pid)
+                    else:
+                        chunk = os.read(fd, 65536)
+                        if not chunk:
+                            open_fds.discard(fd)
+                            continue
+                        total[fd] += len(chunk)
+                        room = cap - len(bufs[fd])
+                        if room > 0:
+                            bufs[fd] += chunk[:room]
         finally:
-            os.close(pidfd)
-        for fd in (out_r, err_r):
-            os.close(fd)
+            for fd in (out_r, err_r):
+                os.close(fd)
 
         def text(fd: int) -> str:
             s = bufs[fd].decode("utf-8", errors="replace")
@@ -303,55 +538,76 @@ class Worker:
                 s += TRUNCATION_MARKER.format(omitted=total[fd] - len(bufs[fd]))
             return s
 
-        return text(out_r), text(err_r), timed_out, wait_status, rusage
+        return text(out_r), text(err_r), ended, why
 
     @staticmethod
-    def _kill_tree(pid: int) -> None:
-        """Kill the run's process group now; the sweep after the run catches anything that left it."""
+    def _kill(pid: int) -> float:
+        """SIGKILL the run's first process: as pid 1 of its namespace, its death takes the rest along."""
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        return time.perf_counter()
 
-    def _sweep(self) -> None:
-        """Kill every process the run left behind (daemonised grandchildren included), reap them."""
-        if self.caps.pid_namespace and os.getpid() == 1:
-            try:
-                os.kill(-1, signal.SIGKILL)  # as pid 1 of our namespace: everyone but us
-            except ProcessLookupError:
-                pass
-        elif self.caps.uid_drop:
-            uid = int(self.cfg["uid"])
-            # kill(-1) with real/effective uid set to the sandbox uid reaches only its processes
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.setresuid(uid, uid, uid)
-                    os.kill(-1, signal.SIGKILL)
-                finally:
-                    os._exit(0)
-            os.waitpid(pid, 0)
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                time.sleep(0.001)
+    # -- fetch_files -------------------------------------------------------------------------------
 
-    def _wipe(self, workdir: str) -> None:
-        shutil.rmtree(workdir, ignore_errors=True)
-        if self.caps.private_tmp:  # our own tmpfs mounts: empty them entirely
-            for base in ("/dev/shm", "/tmp"):
-                for name in os.listdir(base):
-                    p = os.path.join(base, name)
-                    if os.path.isdir(p) and not os.path.islink(p):
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        try:
-                            os.unlink(p)
-                        except OSError:
-                            pass
+    def _as_sandbox_user(self, enter: bool) -> None:
+        if self.uid < 0:
+            return
+        if enter:
+            os.setresgid(self.uid, self.uid, 0)
+            os.setresuid(self.uid, self.uid, 0)
+        else:
+            os.setresuid(0, 0, 0)
+            os.setresgid(0, 0, 0)
+
+    def _fetch(self, names: list[str]) -> tuple[dict[str, str], list[str]]:
+        """Read back requested files: every process of the run is gone; read as the sandbox uid."""
+        budget = self.cfg["max_fetch_bytes"]
+        fetched: dict[str, str] = {}
+        missing: list[str] = []
+        refused: list[str] = []
+        used = 0
+        if not names:
+            return fetched, []
+        self._as_sandbox_user(True)
+        try:
+            dirfd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for name in names:
+                    if name in fetched:
+                        continue  # the same name twice: one answer
+                    try:
+                        fd = open_beneath(dirfd, relative_name(name, self.workdir))
+                    except (ValueError, OSError):
+                        missing.append(name)
+                        continue
+                    try:
+                        st = os.fstat(fd)
+                        if not stat.S_ISREG(st.st_mode):
+                            refused.append(f"{name} (not a regular file)")
+                            continue
+                        room = budget - used
+                        data = _read_up_to(fd, room + 1) if room > 0 else b"x"
+                        if len(data) > room:
+                            refused.append(f"{name} (over the {budget} bytes all fetched files may total)")
+                            continue
+                        used += len(data)  # aliases of one file count every time: the response holds each
+                        fetched[name] = base64.b64encode(data).decode()
+                    except OSError:
+                        missing.append(name)
+                    finally:
+                        os.close(fd)
+            finally:
+                os.close(dirfd)
+        finally:
+            self._as_sandbox_user(False)
+        problems = []
+        if missing:
+            problems.append(f"files not found: {missing}")
+        if refused:
+            problems.append(f"files not returned: {', '.join(refused)}")
+        return fetched, problems
 
 
 # Run once per worker after the imports: sympy and numpy import much of themselves lazily and fill
@@ -388,6 +644,23 @@ def _preload(modules: list[str]) -> list[str]:
     return loaded
 
 
+def _seccomp_works() -> bool:
+    """Install the filter in a throw-away child and check that it denies what it should."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
+            seccomp.install()
+            nrs = seccomp.SYSCALLS[seccomp.machine()]
+            denied = _libc.syscall(nrs["keyctl"], 0, 0, 0, 0, 0) == -1 and ctypes.get_errno() == errno.EPERM
+            denied &= _libc.unshare(isolation.CLONE_NEWUSER) == -1 and ctypes.get_errno() == errno.EPERM
+            os._exit(0 if denied else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     proto_in, proto_out = os.dup(0), os.dup(1)
@@ -400,8 +673,16 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # keep the collector off the inherited objects: fewer copy-on-write faults per child
     caps = Capabilities()
+    cgroup = None
+    if cfg.get("cgroup"):
+        try:
+            cgroup = SlotCgroup(cfg["cgroup"], f"slot{cfg['slot']}")
+            caps.cgroup = f"v{cgroup.version}"
+        except OSError as exc:
+            caps.errors.append(f"cgroup: {exc}")
+    warm_rss = isolation.resident_bytes()
     if cfg["isolate"]:
-        isolation.enter_namespaces(caps)
+        isolation.enter_namespaces(caps, int(cfg["uid"]))
     if caps.pid_namespace:
         child = os.fork()
         if child:  # the outer process: wait for pid 1 of the new namespace, mirror its exit
@@ -412,24 +693,48 @@ def main() -> None:
             os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
     if cfg["isolate"]:
-        isolation.setup_mounts(caps, cfg["tmp_size_mb"], cfg["mask"], isolation.python_paths())
-    if caps.root and cfg["isolate"]:
-        caps.uid_drop = True  # done per request, in the child
-    # work dirs live on the private /tmp tmpfs when we have one, else in a dir of our own
-    cfg["work_root"] = "/tmp/w" if caps.private_tmp else tempfile.mkdtemp(prefix="retool-sandbox-")
-    worker = Worker(cfg, caps)
-    send(proto_out, {"ready": True, "pid": os.getpid(), "capabilities": caps.as_dict(), "preloaded": preloaded})
+        isolation.build_root(caps, isolation.python_paths(), ["/sandbox", "/tmp", "/dev/shm"])
+        caps.uid_drop = caps.root
+        try:
+            seccomp.compile_filter()  # once, before the zygote is forked
+            caps.seccomp = _seccomp_works()
+        except OSError as exc:
+            caps.errors.append(f"seccomp: {exc}")
+    base_vm = isolation.current_address_space()
+    zsock, zsock_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cgroup_fds = cgroup.procs_fds if cgroup is not None else []
+    zygote_pid = os.fork()
+    if zygote_pid == 0:
+        zsock.close()
+        os.close(proto_in)
+        os.close(proto_out)
+        _zygote(zsock_child, cfg, caps, cgroup_fds)
+    zsock_child.close()
+    for fd in cgroup_fds:
+        os.close(fd)  # only the zygote (and the child it forks) joins; we just set limits
+    manager = Manager(cfg, caps, cgroup, zsock, zygote_pid, proto_in, warm_rss, base_vm)
+    send(proto_out, {"ready": True, "pid": os.getpid(), "capabilities": caps.as_dict(), "preloaded": preloaded,
+                     "warm_rss_mb": round(warm_rss / 2**20)})
     while True:
         try:
             req = recv(proto_in)
         except EOFError:
             break
+        if req.get("op") == "cancel":
+            continue  # for a request already answered
+        unhealthy = None
         try:
-            resp = worker.handle(req)
+            resp = manager.handle(req)
+        except Unhealthy as exc:
+            unhealthy = str(exc)
+            resp = {"status": "SandboxError", "message": f"sandbox worker failed: {exc}"}
         except Exception as exc:  # a bug here must not take the worker down silently
-            resp = {"status": "SandboxError", "message": f"worker error: {type(exc).__name__}: {exc}"}
+            unhealthy = f"{type(exc).__name__}: {exc}"
+            resp = {"status": "SandboxError", "message": f"worker error: {unhealthy}"}
+        if unhealthy:
+            resp["worker_unhealthy"] = unhealthy
         send(proto_out, resp)
-        if worker.runs >= cfg["recycle_after"]:
+        if unhealthy or manager.runs >= cfg["recycle_after"]:
             break
 
 
