@@ -218,11 +218,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     attn = args.attn
     if attn == "auto":
-        try:
-            import flash_attn  # noqa: F401
-            attn = "flash_attention_2"
-        except ImportError:  # no flash-attn here: PyTorch SDPA (one sequence per micro-batch, so no cross-talk)
-            attn = "sdpa"
+        from transformers.utils import is_flash_attn_2_available
+
+        # flash-attn 2 itself, not only a `flash_attn` namespace (flash-attn-4 installs one without FA2)
+        attn = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
     if args.pack > 1 and attn == "sdpa":
         p.error("--pack > 1 needs attention that keeps sequences apart: --attn retool_packed or flash_attention_2")
     summary: dict = {"shape": args.shape, "seq_len": args.seq_len, "batch": args.batch, "gpus": args.gpus, "sp": args.sp,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 import time
 
 import httpx
@@ -378,6 +379,12 @@ def test_memory_budget_covers_the_whole_request(sandbox_server):
     assert_healthy(sandbox_server)
 
 
+def python_lives_in_repo() -> bool:
+    """The repo's directory exists inside only when the Python install lives in it (a venv in the
+    checkout); then it holds nothing but the way to that install."""
+    return any(os.path.realpath(p).startswith(str(REPO) + os.sep) for p in (sys.prefix, os.path.realpath(sys.executable)))
+
+
 def test_host_unix_sockets_and_host_paths_are_out_of_reach(sandbox_server):
     """Class 5: a world-writable pathname socket on the host (and an abstract one) must not answer."""
     import socket
@@ -407,7 +414,10 @@ def test_host_unix_sockets_and_host_paths_are_out_of_reach(sandbox_server):
 
     for s in listeners:
         threading.Thread(target=answer, args=(s,), daemon=True).start()
-    hidden = ["/run", "/var", "/home", "/sys", "/etc/shadow", "/etc/hostname", REPO, os.path.join(REPO, "setup.py")]
+    hidden = ["/run", "/var", "/home", "/sys", "/etc/shadow", "/etc/hostname", os.path.join(REPO, "setup.py"),
+              os.path.join(REPO, "recipe")]
+    if not python_lives_in_repo():
+        hidden.append(REPO)
     code = ("import os, socket\nfor addr in %r:\n    s = socket.socket(socket.AF_UNIX)\n    s.settimeout(2)\n"
             "    try:\n        s.connect(addr); print('reached', repr(addr), s.recv(4))\n"
             "    except OSError as e:\n        print('blocked', type(e).__name__)\n"
@@ -532,7 +542,8 @@ def test_server_tree_is_hidden_wherever_the_server_starts(one_worker_server):
     """Class 8: hidden paths depended on the server's working directory."""
     tree = one_worker_server.tree
     code = "import os\nprint([p for p in %r if os.path.exists(p)])" % (
-        [tree, os.path.join(tree, ".env"), os.path.join(tree, "recipe"), REPO, "/root/.bash_history"],)
+        [tree, os.path.join(tree, ".env"), os.path.join(tree, "recipe"), os.path.join(REPO, "setup.py"),
+         *([] if python_lives_in_repo() else [REPO]), "/root/.bash_history"],)
     body = run(one_worker_server, code)
     assert body["run_result"]["stdout"] == "[]\n", body
 

@@ -113,9 +113,11 @@ def _prepare_v2(mounts, own: dict[str, str], name: str) -> CgroupPlan:
     here = _join(root, point, own[""])
     with open(os.path.join(here, "cgroup.controllers")) as fh:
         have = fh.read().split()
-    if not all(c in have for c in CONTROLLERS):
-        raise CgroupUnavailable(f"cgroup v2 at {here} offers {have or 'no controllers'}, not memory and pids")
-    enable = " ".join(f"+{c}" for c in CONTROLLERS)
+    if "memory" not in have:
+        raise CgroupUnavailable(f"cgroup v2 at {here} offers {have or 'no controllers'}, not memory")
+    # pids is optional: without it a request's processes are bounded by RLIMIT_NPROC (one uid per slot)
+    # and by its own pid namespace, as on hosts whose v2 tree delegates only memory
+    enable = " ".join(f"+{c}" for c in CONTROLLERS if c in have)
     try:
         _write(os.path.join(here, "cgroup.subtree_control"), enable)
     except OSError as exc:
@@ -161,7 +163,7 @@ def _prepare_v1(mounts, own: dict[str, str], name: str) -> CgroupPlan:
 
 
 def prepare(name: str | None = None) -> CgroupPlan:
-    """Make this server's cgroup directory (v2 when it has memory and pids, else v1)."""
+    """Make this server's cgroup directory (v2 when it has memory, else v1)."""
     name = name or f"{PREFIX}{os.getpid()}"
     mounts, own = _mounts(), _own_paths()
     reasons = []
@@ -204,7 +206,7 @@ class SlotCgroup:
             self._memsw_limit = self._open(d, "memory.swap.max", os.O_WRONLY, optional=True)
             self._oom = self._open(d, "memory.events", os.O_RDONLY)
             self._peak = self._open(d, "memory.peak", os.O_RDONLY, optional=True)
-            self._pids_max = self._open(d, "pids.max", os.O_WRONLY)
+            self._pids_max = self._open(d, "pids.max", os.O_WRONLY, optional=True)  # see _prepare_v2
             if self._memsw_limit is not None:
                 os.write(self._memsw_limit, b"0")  # no swap: the budget is real memory
                 self._memsw_limit = None
@@ -240,7 +242,8 @@ class SlotCgroup:
         else:
             if self._memsw_limit is not None:
                 os.write(self._memsw_limit, value)
-        os.write(self._pids_max, str(max_pids).encode())
+        if self._pids_max is not None:
+            os.write(self._pids_max, str(max_pids).encode())
         if self.version == 1:
             os.write(self._peak, b"0")
 
