@@ -136,7 +136,9 @@ class SmokeRun:
 
 @dataclass
 class ImageSettings:
-    base: str = "nvidia/cuda:12.8.1-devel-ubuntu22.04"
+    # CUDA 13 devel: both GPU sets use PyPI's torch 2.11.0 (a CUDA 13.0 build), and flashinfer compiles its
+    # kernels at first use with the image's nvcc, which torch refuses when its major version differs
+    base: str = "nvidia/cuda:13.0.1-devel-ubuntu22.04"
     python: str = "3.12"
     engine: Engine = Engine.sglang
     flash_attn_wheel: str | None = None

@@ -51,7 +51,7 @@ SECRETS = [modal.Secret.from_dict(_SECRETS)]
 
 _image = (
     modal.Image.from_registry(EXP.image.base, add_python=EXP.image.python)
-    .apt_install("git", "build-essential", "curl")
+    .apt_install("git", "build-essential", "curl", "libnuma1")  # libnuma: sglang-kernel links libnuma.so.1
     # recipe/retool/requirements.txt + the engine's GPU set, one resolve: `pip install -e ".[gpu]"`
     .pip_install(*launcher.image_requirements(EXP))
 )
