@@ -233,6 +233,8 @@ def main() -> None:
     extra = list(args.extra)
     if attn != "flash_attention_2":  # verl's default
         extra.append(f"+model.override_config.attn_implementation={attn}")
+    if attn == "retool_packed":  # opt-in: registers the attention in the trainer (and keeps verl_perf)
+        extra.append("model.external_lib=recipe.retool.packed_attention")
     summary["overrides"] = extra
     summary["reference_tflops"] = {}
     for c in (() if args.skip_reference else (False, True)):

@@ -90,14 +90,15 @@ def test_ulysses_sequence_parallelism_is_refused(monkeypatch):
 
 
 def test_verl_workers_get_it_through_the_recipes_external_lib():
-    """``model.external_lib=recipe.retool.verl_perf`` (both recipe configs) registers the attention."""
+    """``model.external_lib=recipe.retool.packed_attention`` registers the attention and keeps verl_perf's patch."""
     import subprocess
     import sys
 
-    probe = ("import recipe.retool.verl_perf; from transformers import AttentionInterface; "
-             f"print('{NAME}' in AttentionInterface._global_mapping)")
+    probe = ("import recipe.retool.packed_attention, recipe.retool.verl_perf as v; from transformers import AttentionInterface; "
+             f"print(v._tf.logprobs_from_logits_v2 is v.logprobs_from_logits_chunked or not v.PATCHED, "
+             f"'{NAME}' in AttentionInterface._global_mapping)")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("True"), proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("True True"), proc.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -124,6 +125,7 @@ def test_verl_sft_trainer_packed_matches_padded_sdpa(tiny_model_dir, sample_data
         return found
 
     padded = losses("padded", [])
-    packed = losses("packed", ["model.use_remove_padding=true", "model.override_config.attn_implementation=retool_packed"])
+    packed = losses("packed", ["model.use_remove_padding=true", "model.external_lib=recipe.retool.packed_attention",
+                               "model.override_config.attn_implementation=retool_packed"])
     for step in padded:
         assert packed[step] == pytest.approx(padded[step], rel=1e-4), (padded, packed)

@@ -8,9 +8,6 @@ fallback with the same computation over chunks of rows (same maths, same dtype h
 peak memory). Loaded into verl's workers through the public ``model.external_lib`` hook
 (``model.external_lib=recipe.retool.verl_perf``); it changes nothing when flash-attn is installed.
 Remove when verl's fallback is vectorised.
-
-Importing this module also registers the ``retool_packed`` attention (``recipe.retool.packed_attention``)
-in the worker, so that ``+model.override_config.attn_implementation=retool_packed`` can select it.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from verl.utils import torch_functional as _tf
-
-from recipe.retool import packed_attention  # noqa: F401  (registers attn_implementation="retool_packed")
 
 CHUNK_ROWS = 1024  # rows of logits per kernel: ~0.6 GB of fp32 temporaries at a 152k vocabulary
 
