@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -142,10 +143,22 @@ def run_logged(cmd: list[str], log: Path, env: dict, label: str, total_steps: in
     return rc, time.time() - start
 
 
+# On the CPU the hf_dev server decodes in fp32; the actor and reference compute in fp32 too (verl's
+# default is bf16 autocast), so the rollout-vs-actor agreement measures the plumbing (weights synced,
+# log-probs aligned with tokens), not bf16 rounding. The taught model is near-certain of most tokens,
+# so with bf16 on one side the Pearson correlation of the probabilities is ill-conditioned (0.90 at a
+# max difference of 0.004 on one seed); in fp32 the difference is ~1e-6.
+CPU_FP32 = [f"+actor_rollout_ref.{role}.fsdp_config.mixed_precision.param_dtype=fp32" for role in ("actor", "ref")]
+# A learning rate that visibly moves the tiny policy in one step (the template's 1e-6 barely does), so
+# that a rollout copy left on stale weights after the sync or the resume cannot pass for on-policy.
+VISIBLE_STEP = ["actor_rollout_ref.actor.optim.lr=1e-3"]
+
+
 def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict,
-             label: str) -> float:
+             label: str, overrides: list[str]) -> float:
     cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(model), str(data), str(ckpt), "mini",
-           "--config", config, f"trainer.total_training_steps={total_steps}", f"trainer.save_freq={total_steps}"]
+           "--config", config, f"trainer.total_training_steps={total_steps}", f"trainer.save_freq={total_steps}",
+           *overrides]
     rc, seconds = run_logged(cmd, log, env, label, total_steps)
     if rc != 0:
         sys.exit(f"GRPO run failed (exit {rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
@@ -185,16 +198,20 @@ def main() -> None:
         progress(f"taught: {summary['teach']}")
     config_name = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
     config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
+    overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32)
     progress("starting the sandbox server")
     sandbox = LocalSandbox(workers=2).wait()
     try:
         env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox.url, "PYTHONUNBUFFERED": "1"}
         runs_before = code_runs(sandbox.url)
         ckpt = out / "ckpt"
-        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1")
+        if ckpt.exists():  # an earlier run's checkpoints would be resumed instead of trained
+            progress(f"removing the earlier run's checkpoints in {ckpt}")
+            shutil.rmtree(ckpt)
+        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1", overrides)
         runs_mid = code_runs(sandbox.url)
         wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env,
-                         "run 2 (resumes from the checkpoint)")
+                         "run 2 (resumes from the checkpoint)", overrides)
         runs_after = code_runs(sandbox.url)
     finally:
         sandbox.stop()
@@ -203,7 +220,7 @@ def main() -> None:
     first, second = parse_steps(log1), parse_steps(log2)
     ckpt_dirs = sorted(p.name for p in (ckpt / "grpo-experiments" / "mini").glob("global_step_*"))
     summary.update({
-        "config": config_name,
+        "config": config_name, "overrides": overrides,
         "run1": {"wall_s": round(wall1, 1), "steps": first, "rollout_server": rollout_costs(log1),
                  "sandbox_code_runs": runs_mid - runs_before},
         "run2_resumed": {"wall_s": round(wall2, 1), "steps": second, "rollout_server": rollout_costs(log2),

@@ -60,7 +60,9 @@ def test_right_types_in_other_spellings_pass(capsys, tiny_model_dir, data_dir):
                       "actor_rollout_ref.actor.optim.lr=2e-6", "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0",
                       "trainer.total_epochs=2", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
                       "reward.custom_reward_function.reward_kwargs.tool_bonus=0", "trainer.logger=[console,wandb]",
-                      "+reward.custom_reward_function.reward_kwargs.new_kwarg=1")
+                      "+reward.custom_reward_function.reward_kwargs.new_kwarg=1",
+                      # mixed_precision is a free-form dict in verl's FSDP config (null in its YAML)
+                      "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32")
     assert rc == 0, err
 
 
@@ -68,6 +70,10 @@ def test_right_types_in_other_spellings_pass(capsys, tiny_model_dir, data_dir):
     ("+data.max_prompt_lenght=5", "'data.max_prompt_lenght' is not a key of verl's ppo_trainer config, so verl would "
                                   "never read it; did you mean 'data.max_prompt_length'?"),
     ("+trainer.not_a_setting=1", "'trainer.not_a_setting' is not a key of verl's ppo_trainer config, so verl would never read it"),
+    # fsdp_config is a typed dataclass: a misspelt field beneath it is still caught
+    ("+actor_rollout_ref.actor.fsdp_config.mixed_precison.param_dtype=fp32",
+     "'actor_rollout_ref.actor.fsdp_config.mixed_precison.param_dtype' is not a key of verl's ppo_trainer config, "
+     "so verl would never read it"),
     ("data.max_prompt_lenght=5", "'data.max_prompt_lenght' is not a key of verl's ppo_trainer config; did you mean "
                                  "'data.max_prompt_length'?"),
 ])

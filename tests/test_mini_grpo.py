@@ -29,8 +29,10 @@ def test_mini_grpo_trains_checkpoints_and_resumes_on_cpu(tmp_path):
         assert run["sandbox_code_runs"] > 0 and step["num_turns/mean"] > 2
         # our reward: a wrong answer with tool calls scores above -1 (tool bonus), never above +1
         assert -1.0 < step["critic/score/max"] <= 1.0
-        # the rollout backend samples from the actor's distribution (on-policy)
-        assert step["training/rollout_actor_probs_pearson_corr"] > 0.99
+        # the rollout backend samples from the actor's distribution (on-policy): with both sides in
+        # fp32 on the CPU, each token's probability agrees to rounding; a stale weight sync, a
+        # checkpoint restored into one side only, or log-probs shifted against the tokens differ by far more
+        assert summary["overrides"] and step["training/rollout_probs_diff_max"] < 1e-3
         assert all(k in step for k in ("timing_s/gen", "timing_s/update_actor", "timing_s/update_weights"))
         assert run["rollout_server"] and run["rollout_server"][0]["requests"] > 0
 

@@ -193,5 +193,11 @@ def test_configs_kept_elsewhere_extend_ours_and_are_checked(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text("defaults:\n  - retool_sft\n  - _self_\ndata:\n  max_lenght: 3\n")
     assert unknown_keys(*split_config_arg(str(bad))) == ["typo.yaml: 'data.max_lenght' is not a key of verl's sft_trainer_engine config"]
+    # beneath a field verl types as a free-form dict (FSDP mixed precision) any key is read
+    fp32 = tmp_path / "fp32.yaml"
+    fp32.write_text("defaults:\n  - retool_grpo_template\n  - _self_\nactor_rollout_ref:\n  actor:\n    fsdp_config:\n"
+                    "      mixed_precision:\n        param_dtype: fp32\n      mixed_precison:\n        param_dtype: fp32\n")
+    assert unknown_keys(*split_config_arg(str(fp32))) == [
+        "fp32.yaml: 'actor_rollout_ref.actor.fsdp_config.mixed_precison.param_dtype' is not a key of verl's ppo_trainer config"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         split_config_arg(str(tmp_path / "missing.yaml"))

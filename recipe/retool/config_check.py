@@ -71,6 +71,34 @@ def has_path(tree: Any, path: str) -> bool:
     return True
 
 
+def free_form_at(reference: dict, path: str) -> str | None:
+    """The ancestor of ``path`` that verl declares as a free-form mapping (a dataclass field typed
+    ``dict``, such as ``fsdp_config.mixed_precision``, null in verl's YAML): keys beneath it are
+    read by verl (or handed on) without a schema, so any key may be added there. None if none."""
+    node: Any = reference
+    cls: type | None = None
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict):
+            return None
+        cls = _dataclass(node.get("_target_")) or cls
+        hints = _field_types(cls) if cls else {}
+        if part in hints and _kind(hints[part]) is dict:
+            return ".".join(parts[: i + 1])
+        annotation = hints.get(part)
+        kind = _kind(annotation) if annotation is not None else None
+        cls = kind if isinstance(kind, type) and dataclasses.is_dataclass(kind) else None
+        if part not in node:
+            return None
+        node = node[part]
+    return None
+
+
+def known_path(reference: dict, path: str) -> bool:
+    """Whether verl reads ``path``: a key of its base config, or beneath a free-form mapping."""
+    return has_path(reference, path) or free_form_at(reference, path) is not None
+
+
 def _close(path: str, reference: dict) -> str:
     matches = difflib.get_close_matches(path, leaf_paths(reference), n=2, cutoff=0.8)
     return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
@@ -95,7 +123,7 @@ def override_problems(overrides: Sequence[str], composed: dict, reference: dict,
         if key.startswith(EXTENSION_KEYS):
             continue
         if override.is_add() or override.is_force_add():
-            if not has_path(reference, key):
+            if not known_path(reference, key):
                 problems.append(f"override '{line}': '{key}' is not a key of verl's {base} config, so verl "
                                 f"would never read it{_close(key, reference)}")
         elif not has_path(composed, key):

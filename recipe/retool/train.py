@@ -32,6 +32,7 @@ from recipe.retool import CONFIG_DIR, PACKAGE_DIR
 from recipe.retool.config_check import (
     EXTENSION_KEYS,
     data_problems,
+    free_form_at,
     has_path,
     interpolated_paths,
     logger_problems,
@@ -101,10 +102,11 @@ def unknown_keys(config_name: str, config_dir: Path = CONFIG_DIR) -> list[str]:
     if base is None:
         return [f"{config_name}: extends no verl base config ({sorted(BASE_CONFIG)})"]
     reference = compose_verl(base)
+    plain = OmegaConf.to_container(reference, resolve=False)
     for path in _leaf_paths(OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "defaults"])):
         if path.startswith(EXTENSION_KEYS):
             continue
-        if not _has_path(reference, path):
+        if not _has_path(reference, path) and free_form_at(plain, path) is None:
             bad.append(f"{config_name}.yaml: '{path}' is not a key of verl's {base} config")
     return bad
 
