@@ -100,7 +100,7 @@ def test_commands_use_the_stage_modules_and_pass_resources_and_overrides():
     serve = launcher.serve_command(exp, "/m")
     assert serve[:3] == ["python", "-m", "sglang.launch_server"] and serve[serve.index("--tp") + 1] == "4"
     vllm = load_experiment(REPO / "config" / "modal" / "default.yaml", ["eval.server=vllm"], environ={})
-    assert launcher.serve_command(vllm, "/m")[:2] == ["vllm", "serve"]
+    assert launcher.serve_command(vllm, "/m")[:5] == ["python", "-m", "vllm.entrypoints.cli.main", "serve", "/m"]
     prep = launcher.prep_commands(exp)
     assert prep[0][:4] == ["python", "-m", "recipe.retool.data", "all"] and len(prep) == 4
     assert all("--tokenizer" in c for c in prep[1:])

@@ -227,6 +227,48 @@ def test_sandbox_uses_warm_preloaded_modules(sandbox_server):
     assert time.perf_counter() - t < 2.0  # a cold `import sympy` alone takes about this long
 
 
+@pytest.mark.parametrize("code, lean", [
+    ("print(1+1)", True),
+    ("import math, itertools\nfrom collections import Counter\nprint(math.comb(5, 2))", True),
+    ("import os.path as p, json\nprint(p.sep)", True),
+    ("import sympy as sp\nprint(sp.pi)", False),
+    ("import math, numpy\nprint(1)", False),  # a heavy module anywhere in the list
+    ("from scipy import special", False),
+    ("import requests", False),  # not in the standard library: whatever it imports may be heavy
+    ("m = __import__('sympy')", False),  # named, not imported: still the full zygote
+    ("from . import x", False),
+    ("x = 1  # about numpy", False),  # a wrong guess that way costs nothing
+])
+def test_code_is_routed_to_the_lean_zygote_only_when_its_imports_are_all_standard(code, lean):
+    from recipe.retool.sandbox.pool import DEFAULT_PRELOAD
+    from recipe.retool.sandbox.worker import split_preload, stdlib_only
+
+    light, heavy = split_preload(DEFAULT_PRELOAD)
+    assert "math" in light and "sympy" in heavy and "scipy.optimize" in heavy and not set(light) & set(heavy)
+    assert stdlib_only(code, heavy) is lean
+
+
+def test_stdlib_code_runs_in_the_lean_zygote_and_heavy_code_in_the_warm_one(sandbox_server):
+    """Two zygotes per worker: the module table each run starts with shows which one forked it."""
+    probe = "import sys\nprint('sym' + 'py' in sys.modules, 'math' in sys.modules, len(sys.modules))"
+    lean = run(sandbox_server, probe)["run_result"]["stdout"].split()
+    assert lean[:2] == ["False", "True"], lean  # the standard-library preloads only
+    full = run(sandbox_server, "import sympy\n" + probe)["run_result"]["stdout"].split()
+    assert full[:2] == ["True", "True"] and int(full[2]) > int(lean[2]) + 500, (lean, full)
+    # a lean run that imports a heavy module after all still gets it, as `python main.py` would
+    late = run(sandbox_server, "m = __import__('sym' + 'py')\nprint(m.factorint(12))")
+    assert late["run_result"]["stdout"] == "{2: 2, 3: 1}\n", late
+
+
+def test_runs_are_born_in_the_slot_cgroup_and_first_in_line_for_the_oom_killer(sandbox_server):
+    """The zygotes sit in the slot's cgroup (no per-request migration, which waits for an RCU grace
+    period), so the request's processes must be the OOM killer's choice there, never a zygote."""
+    code = "print(open('/proc/self/oom_score_adj').read().strip(), open('/proc/self/cgroup').read().count('retool-sandbox-'))"
+    for snippet in (code, "import sympy\n" + code):
+        out = run(sandbox_server, snippet)["run_result"]["stdout"].split()
+        assert out[0] == "1000" and int(out[1]) >= 1, out
+
+
 @pytest.mark.parametrize("n", [32])
 def test_concurrent_mixed_requests_are_all_answered_correctly(sandbox_server, n):
     import asyncio

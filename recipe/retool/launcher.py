@@ -323,8 +323,10 @@ def serve_command(exp: Experiment, model_path: str, gpus: int | None = None) -> 
     e = exp.eval
     tp = str(gpus or exp.gpus)
     if e.server is ModelServer.vllm:
-        return ["vllm", "serve", model_path, "--served-model-name", e.served_name, "--port", str(e.port),
-                "--tensor-parallel-size", tp, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+        # `vllm serve` through the interpreter (the console script is absent from --target installs)
+        return _py("vllm.entrypoints.cli.main", "serve", model_path, "--served-model-name", e.served_name,
+                   "--port", str(e.port), "--tensor-parallel-size", tp, "--enable-auto-tool-choice",
+                   "--tool-call-parser", "hermes")
     return _py("sglang.launch_server", "--model-path", model_path, "--served-model-name", e.served_name,
                "--port", str(e.port), "--tp", tp, "--tool-call-parser", "qwen25")
 

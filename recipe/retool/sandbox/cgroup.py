@@ -7,10 +7,11 @@ its processes and threads.
 
 Layout: the pool makes one directory per server process beside its own cgroup
 (``<own cgroup>/retool-sandbox-<pid>``); each worker makes ``slot<N>`` under it at start-up, while
-it can still see ``/sys/fs/cgroup``, and keeps file descriptors to it. Per request the worker sets
-the slot's limits and the request's first process joins by writing ``0`` to the inherited
-``cgroup.procs`` descriptor, before it allocates anything of its own. Only the request's processes
-are ever in a slot, so a slot's counters describe exactly one request at a time.
+it can still see ``/sys/fs/cgroup``, and keeps file descriptors to it. The worker's zygotes join the
+slot once (writing ``0`` to the ``cgroup.procs`` descriptor), so every request process is born in
+it; per request the worker sets the slot's limits. Besides the idle zygotes (whose pages were
+charged before they joined, and which the OOM killer is told to spare), only one request's processes
+are ever in a slot, so its counters describe one request at a time.
 
 v1 (the hybrid layout of many hosts: ``memory`` and ``pids`` as separate hierarchies) and v2 (one
 unified tree) are both handled; :func:`prepare` reports which one it uses or says why neither works.
@@ -221,7 +222,7 @@ class SlotCgroup:
             raise
 
     def set_limits(self, memory_bytes: int, max_pids: int) -> None:
-        """Called between requests, when no process is in the slot."""
+        """Called between requests, when no request process is in the slot."""
         value = str(memory_bytes).encode()
         try:
             try:
@@ -231,7 +232,10 @@ class SlotCgroup:
                 # with the slot empty, reclaim all of it and try again
                 if exc.errno != errno.EBUSY or self.version != 1 or self._force_empty is None:
                     raise
-                os.write(self._force_empty, b"0")
+                try:
+                    os.write(self._force_empty, b"0")
+                except OSError:
+                    pass  # what the idle zygotes hold cannot be reclaimed; the rest was
                 os.write(self._mem_limit, value)
         except OSError as exc:
             # v1: raising the limit above memory+swap's fails until that one is raised first

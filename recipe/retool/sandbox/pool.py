@@ -43,6 +43,7 @@ class SandboxConfig:
     tmp_size_mb: int = 256  # each request's tmpfs (work dir, /tmp, /dev/shm together)
     max_inodes: int = 65536  # files and directories on that tmpfs
     warmup: bool = True  # exercise sympy/numpy once per worker so children inherit warm caches
+    lean_zygote: bool = True  # code importing only the standard library forks from a second, small interpreter
     recycle_after: int = 5000  # requests before a worker is replaced (bounds any slow leak)
     isolate: bool = True
     cgroups: bool = True  # per-request memory and pids budgets (required unless allow_unsafe)

@@ -203,6 +203,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tmp-size-mb", type=int, help=f"each request's tmpfs: work dir, /tmp, /dev/shm ({d.tmp_size_mb})")
     p.add_argument("--recycle-after", type=int, help=f"requests before a worker is replaced ({d.recycle_after})")
     p.add_argument("--preload", default=None, help="comma-separated modules imported once per worker")
+    p.add_argument("--no-lean-zygote", dest="lean_zygote", action="store_false", default=None,
+                   help="run all code in the zygote with every preload module (default: code that imports only "
+                        "the standard library runs in a smaller one, which forks faster)")
     p.add_argument("--allow-unsafe", action="store_true", default=None,
                    help="serve even if an isolation mechanism is unavailable (logged loudly)")
 
