@@ -128,6 +128,20 @@ def tree_pss_mb(pid: int) -> float:
     return total_kb / 1024
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole host, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_since(start: tuple[int, int]) -> float:
+    """Share of the host's CPU time that was busy since ``start`` (server, clients and all)."""
+    busy, total = cpu_times()
+    return (busy - start[0]) / max(1, total - start[1])
+
+
 async def bench(url: str, quick: bool, clients: int = 1) -> None:
     # aiohttp as the driver: it costs the 2-core machine less CPU than httpx, so the figures
     # measure the server rather than the load generator
@@ -149,19 +163,21 @@ async def bench(url: str, quick: bool, clients: int = 1) -> None:
             ("sympy", 1): (100, 8), ("sympy", 64): (1000, 64),
         }
         print(f"{'snippet':8s} {'conc':>4s} | {'ours req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | "
-              f"{'base req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | {'ratio':>6s}")
+              f"{'base req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | {'ratio':>6s} | host CPU busy (ours)")
         for (name, conc), (n_ours, n_base) in plan.items():
             code, expect = SNIPPETS[name]
             run_ours = lambda c=code, e=expect: ours(c, e)  # noqa: E731
             run_base = lambda c=code, e=expect: baseline(c, e)  # noqa: E731
             await drive(run_ours, 8, 8)  # warm connections
+            cpu0 = cpu_times()
             if clients > 1 and conc >= clients:
                 tp_o, lat_o = await drive_clients(url, code, expect, max(8, int(n_ours * scale)), conc, clients)
             else:
                 tp_o, lat_o = await drive(run_ours, max(8, int(n_ours * scale)), conc)
+            busy = busy_since(cpu0)
             tp_b, lat_b = await drive(run_base, max(4, int(n_base * scale)), conc)
             print(f"{name:8s} {conc:4d} | {tp_o:10.1f} {pct(lat_o, .5)*1e3:8.1f} {pct(lat_o, .99)*1e3:8.1f} | "
-                  f"{tp_b:10.1f} {pct(lat_b, .5)*1e3:8.1f} {pct(lat_b, .99)*1e3:8.1f} | {tp_o / tp_b:5.1f}x")
+                  f"{tp_b:10.1f} {pct(lat_b, .5)*1e3:8.1f} {pct(lat_b, .99)*1e3:8.1f} | {tp_o / tp_b:5.1f}x | {busy:6.0%} of {os.cpu_count()} cores")
 
 
 LOAD_KINDS = {
@@ -238,7 +254,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a quarter of the requests")
     p.add_argument("--load", type=int, default=0, help="also run the mixed load test with this many requests")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--url", help="measure a server already running there instead of starting one (e.g. one "
+                                 "started in a cgroup of its own); --server-pid then names it for the memory figures")
+    p.add_argument("--server-pid", type=int, help="with --url: the server's pid (its process tree's PSS is sampled)")
     args = p.parse_args()
+    if args.url and args.load and not args.server_pid:
+        p.error("--load with --url needs --server-pid (the memory of the server's process tree is sampled)")
     from recipe.retool.sandbox.pool import SandboxConfig
 
     workers = args.workers or SandboxConfig().workers
@@ -246,8 +267,11 @@ def main() -> None:
 
     extra = ["--fronts", str(args.fronts)] if args.fronts else []
     extra += ["--allow-unsafe"] if args.allow_unsafe else []
-    sandbox = LocalSandbox(workers=workers, cwd=str(REPO), port=args.port, extra_args=extra).wait(300)
-    proc, url = sandbox.proc, sandbox.url
+    if args.url:
+        sandbox, url, server_pid = None, args.url.rstrip("/"), args.server_pid
+    else:
+        sandbox = LocalSandbox(workers=workers, cwd=str(REPO), port=args.port, extra_args=extra).wait(300)
+        url, server_pid = sandbox.url, sandbox.proc.pid
     ok = True
     try:
         from recipe.retool.sandbox.server import default_fronts
@@ -258,9 +282,10 @@ def main() -> None:
         if not args.skip_bench:
             asyncio.run(bench(url, args.quick, args.clients))
         if args.load:
-            ok = asyncio.run(load_test(url, args.load, proc.pid))
+            ok = asyncio.run(load_test(url, args.load, server_pid))
     finally:
-        sandbox.stop()
+        if sandbox is not None:
+            sandbox.stop()
     sys.exit(0 if ok else 1)
 
 

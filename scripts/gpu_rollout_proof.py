@@ -174,6 +174,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="steps of the first GRPO run (checkpoint after the last)")
     p.add_argument("--teach-steps", type=int, default=200)
     p.add_argument("--samples", type=int, default=4, help="eval samples per problem")
+    p.add_argument("--sandbox-url", help="use the sandbox server running there instead of starting one")
     args = p.parse_args()
     phases = args.phases.split(",")
     if bad := set(phases) - set(PHASES):
@@ -185,7 +186,8 @@ def main() -> None:
     summary["engine"] = args.engine
     summary["prepared"] = prepare(out, args.teach_steps)
     print("prepared:", summary["prepared"], flush=True)
-    sandbox = LocalSandbox(workers=4).wait()
+    # a sandbox server already running (e.g. started in a cgroup of its own), or one of our own
+    sandbox = argparse.Namespace(url=args.sandbox_url, stop=lambda: None) if args.sandbox_url else LocalSandbox(workers=4).wait()
     env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox.url, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     failed = []
     try:

@@ -103,3 +103,53 @@ async def test_every_worker_passes_the_probe_and_runs_confined():
         assert probe_failures(resp, pool.capabilities) == [], resp
     finally:
         await pool.close()
+
+
+# ---- cgroup v2 layout for a server of several fronts (a temporary tree stands in for the mount) ----
+
+
+def _fake_v2(tmp_path, monkeypatch, procs: list[int], controllers: str = "cpu memory io"):
+    from recipe.retool.sandbox import cgroup
+
+    mnt = tmp_path / "cg"
+    here = mnt / "job"
+    here.mkdir(parents=True)
+    (here / "cgroup.controllers").write_text(controllers + "\n")
+    (here / "cgroup.subtree_control").write_text("")
+    (here / "cgroup.procs").write_text("".join(f"{p}\n" for p in procs))
+    monkeypatch.setattr(cgroup, "_mounts", lambda: [("/", str(mnt), "cgroup2", "rw")])
+    monkeypatch.setattr(cgroup, "_own_paths", lambda: {"": "/job"})
+    stale = here / f"{cgroup.PREFIX}999999999"  # a server of ours that is gone
+    (stale / "slot0").mkdir(parents=True)
+    return cgroup, here, stale
+
+
+def test_server_parent_prepares_the_fronts_directory_once(tmp_path, monkeypatch):
+    """The supervisor enables the controllers in its own cgroup and sweeps stale servers; each front
+    then makes its directory beneath it without touching the parent again."""
+    cgroup, here, stale = _fake_v2(tmp_path, monkeypatch, [os.getpid()])
+    parent = cgroup.server_parent()
+    assert parent == str(here)
+    assert (here / "cgroup.subtree_control").read_text() == "+memory"  # pids absent here: memory only
+    assert not stale.exists()
+    (here / "cgroup.subtree_control").write_text("memory\n")  # what the kernel shows afterwards
+    plans = [cgroup.prepare(name=f"{cgroup.PREFIX}{n}", parent=parent) for n in (101, 102)]
+    for plan, n in zip(plans, (101, 102)):
+        base = here / f"{cgroup.PREFIX}{n}"
+        assert plan.version == 2 and plan.dirs == {"unified": str(base)}
+        assert (base / "cgroup.subtree_control").read_text() == "+memory"
+    assert (here / "cgroup.subtree_control").read_text() == "memory\n"  # the fronts left it alone
+
+
+def test_server_parent_declines_a_cgroup_shared_with_other_processes(tmp_path, monkeypatch):
+    """Others live in the server's cgroup: moving the supervisor out would not empty it, so it
+    prepares nothing (None) and leaves the fronts to report why."""
+    cgroup, here, stale = _fake_v2(tmp_path, monkeypatch, [os.getpid(), 1])
+    assert cgroup.server_parent() is None
+    assert (here / "cgroup.subtree_control").read_text() == ""
+    assert stale.exists()
+
+
+def test_server_parent_needs_memory(tmp_path, monkeypatch):
+    cgroup, here, _ = _fake_v2(tmp_path, monkeypatch, [os.getpid()], controllers="cpu io")
+    assert cgroup.server_parent() is None

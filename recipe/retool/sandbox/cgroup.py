@@ -106,7 +106,7 @@ def _sweep_stale(parent: str) -> None:
             _remove_tree(os.path.join(parent, name))
 
 
-def _prepare_v2(mounts, own: dict[str, str], name: str) -> CgroupPlan:
+def _v2_here(mounts, own: dict[str, str]) -> tuple[str, list[str]]:
     v2 = [m for m in mounts if m[2] == "cgroup2"]
     if not v2 or "" not in own:
         raise CgroupUnavailable("no cgroup v2 mount")
@@ -116,6 +116,11 @@ def _prepare_v2(mounts, own: dict[str, str], name: str) -> CgroupPlan:
         have = fh.read().split()
     if "memory" not in have:
         raise CgroupUnavailable(f"cgroup v2 at {here} offers {have or 'no controllers'}, not memory")
+    return here, have
+
+
+def _enable_v2(here: str, have: list[str]) -> str:
+    """Enable our controllers for the children of ``here``; returns what was enabled."""
     # pids is optional: without it a request's processes are bounded by RLIMIT_NPROC (one uid per slot)
     # and by its own pid namespace, as on hosts whose v2 tree delegates only memory
     enable = " ".join(f"+{c}" for c in CONTROLLERS if c in have)
@@ -133,7 +138,36 @@ def _prepare_v2(mounts, own: dict[str, str], name: str) -> CgroupPlan:
         except OSError as exc2:
             raise CgroupUnavailable(f"cannot enable {enable} under {here} (other processes live there; "
                                     f"start the server in a cgroup of its own): {exc2}") from exc2
-    _sweep_stale(here)
+    return enable
+
+
+def server_parent() -> str | None:
+    """For a server of several front processes, before they are forked: make the server's own v2
+    cgroup hold the fronts' directories (this process moves into a leaf, the controllers are
+    enabled) and return it. None where v2 cannot; each front then tries on its own (v1 included)."""
+    try:
+        here, have = _v2_here(_mounts(), _own_paths())
+        with open(os.path.join(here, "cgroup.procs")) as fh:
+            others = [p for p in fh.read().split() if int(p) != os.getpid()]
+        if others:  # moving ourselves out would not empty it: leave the fronts to say so
+            raise CgroupUnavailable(f"other processes live in {here} ({len(others)})")
+        _enable_v2(here, have)
+        _sweep_stale(here)
+    except (CgroupUnavailable, OSError) as exc:
+        logger.info("cgroup v2 not prepared for the fronts: %s", exc)
+        return None
+    return here
+
+
+def _prepare_v2(mounts, own: dict[str, str], name: str, parent: str | None = None) -> CgroupPlan:
+    if parent is None:
+        here, have = _v2_here(mounts, own)
+        enable = _enable_v2(here, have)
+        _sweep_stale(here)
+    else:  # prepared by the server's supervisor (server_parent); its stale entries swept there
+        here = parent
+        with open(os.path.join(here, "cgroup.subtree_control")) as fh:
+            enable = " ".join(f"+{c}" for c in fh.read().split() if c in CONTROLLERS)
     base = os.path.join(here, name)
     os.makedirs(base, exist_ok=True)
     _write(os.path.join(base, "cgroup.subtree_control"), enable)
@@ -163,12 +197,14 @@ def _prepare_v1(mounts, own: dict[str, str], name: str) -> CgroupPlan:
     return CgroupPlan(1, dirs)
 
 
-def prepare(name: str | None = None) -> CgroupPlan:
-    """Make this server's cgroup directory (v2 when it has memory, else v1)."""
+def prepare(name: str | None = None, parent: str | None = None) -> CgroupPlan:
+    """Make this server's (or front's) cgroup directory (v2 when it has memory, else v1).
+    ``parent``: a v2 directory the supervisor prepared with :func:`server_parent`."""
     name = name or f"{PREFIX}{os.getpid()}"
     mounts, own = _mounts(), _own_paths()
     reasons = []
-    for attempt in (_prepare_v2, _prepare_v1):
+    attempts = [lambda m, o, n: _prepare_v2(m, o, n, parent)] if parent else [_prepare_v2, _prepare_v1]
+    for attempt in attempts:
         try:
             plan = attempt(mounts, own, name)
             logger.info("per-request budgets: cgroup v%d at %s", plan.version, plan.dirs)

@@ -50,6 +50,7 @@ class SandboxConfig:
     allow_unsafe: bool = False
     uid_base: int = 200_000  # slot i's children run as uid_base + i (root only)
     slot_base: int = 0  # first slot number of this pool (several front processes share the uid range)
+    cgroup_parent: str | None = None  # v2 directory the server's supervisor prepared for its fronts' slots
     spawn_timeout: float = 120.0
     grace_s: float = 10.0  # beyond run_timeout before a silent worker is declared dead
     kill_grace_s: float = 5.0  # after SIGKILL, before a run that will not end makes its worker unhealthy
@@ -214,7 +215,7 @@ class WorkerPool:
             from recipe.retool.sandbox import cgroup
 
             try:
-                self.cgroup_plan = cgroup.prepare().as_dict()
+                self.cgroup_plan = cgroup.prepare(parent=self.config.cgroup_parent).as_dict()
             except cgroup.CgroupUnavailable as exc:
                 self.cgroup_error = str(exc)
         slots = [self.config.slot_base + i for i in range(self.config.workers)]
