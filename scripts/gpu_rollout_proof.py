@@ -91,8 +91,10 @@ def tool_call_sources(samples: Path) -> dict[str, int]:
                 continue
             if m.get("tool_calls"):
                 native += len(m["tool_calls"])
-            elif "<tool_call>" in (m.get("content") or "") and i + 1 < len(msgs) and msgs[i + 1].get("role") == "tool":
-                fallback += (m.get("content") or "").count("<tool_call>")
+            elif "<tool_call>" in (m.get("content") or ""):  # the tool messages answering it: one per call run
+                j = i + 1
+                while j < len(msgs) and msgs[j].get("role") == "tool":
+                    fallback, j = fallback + 1, j + 1
     return {"server_parsed": native, "hermes_fallback": fallback}
 
 

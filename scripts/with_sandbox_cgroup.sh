@@ -19,10 +19,11 @@ log=${SANDBOX_LOG:-sandbox.log}
 [ -f /sys/fs/cgroup/cgroup.controllers ] || { echo "no cgroup v2 at /sys/fs/cgroup: start the server directly"; exit 2; }
 cg=/sys/fs/cgroup$(awk -F: '$1 == "0" {print $3}' /proc/self/cgroup)
 case $cg in */host) cg=${cg%/host} ;; esac  # a second run starts where the first one left this shell's parent
-mkdir -p "$cg/host" "$cg/srv"
+srv=$cg/srv-$$  # a fresh one: an earlier server left controllers enabled in its own
+mkdir -p "$cg/host" "$srv"
 for p in $(cat "$cg/cgroup.procs"); do echo "$p" > "$cg/host/cgroup.procs" 2>/dev/null || true; done
 grep -qw memory "$cg/cgroup.subtree_control" || echo +memory > "$cg/cgroup.subtree_control"
-(echo "$BASHPID" > "$cg/srv/cgroup.procs"
+(echo "$BASHPID" > "$srv/cgroup.procs"
  exec python3 -m recipe.retool.sandbox serve --workers "$workers" --fronts "$fronts" --port "$port") > "$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
