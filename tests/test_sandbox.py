@@ -776,3 +776,21 @@ def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
     finally:
         server.stop()
     assert server.proc.returncode == 0
+
+
+def test_a_stopped_server_leaves_no_cgroup_behind():
+    """The slots' warm interpreters sit in the slot cgroups; when the server stops they die with their
+    workers a moment later, and the directories must still be removed (not left for the next start)."""
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    server = LocalSandbox(workers=2, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                          extra_args=["--preload", "math"]).wait()
+    try:
+        plan = httpx.get(server.url + "/health", timeout=10).json()["cgroup"]
+        assert run(server, "print(1)")["run_result"]["stdout"] == "1\n"
+    finally:
+        server.stop()
+    if not plan:
+        pytest.skip("no cgroup on this machine")
+    dirs = list(plan["dirs"].values())
+    assert dirs and not [d for d in dirs if os.path.exists(d)], dirs

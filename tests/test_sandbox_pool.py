@@ -153,3 +153,27 @@ def test_server_parent_declines_a_cgroup_shared_with_other_processes(tmp_path, m
 def test_server_parent_needs_memory(tmp_path, monkeypatch):
     cgroup, here, _ = _fake_v2(tmp_path, monkeypatch, [os.getpid()], controllers="cpu io")
     assert cgroup.server_parent() is None
+
+
+def test_cgroup_removal_waits_for_a_busy_slot(tmp_path, monkeypatch):
+    """rmdir of a cgroup whose last processes are being reaped answers EBUSY for a moment: retried."""
+    import errno
+
+    from recipe.retool.sandbox import cgroup
+
+    (tmp_path / "base" / "slot0").mkdir(parents=True)
+    real, busy = os.rmdir, {"left": 3}
+
+    def rmdir(path):
+        if path.endswith("slot0") and busy["left"]:
+            busy["left"] -= 1
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        real(path)
+
+    monkeypatch.setattr(cgroup.os, "rmdir", rmdir)
+    cgroup._remove_tree(str(tmp_path / "base"))
+    assert not (tmp_path / "base").exists() and busy["left"] == 0
+    (tmp_path / "stale" / "slot0").mkdir(parents=True)
+    busy["left"] = 3
+    cgroup._remove_tree(str(tmp_path / "stale"), wait_s=0)  # a sweep does not wait
+    assert (tmp_path / "stale" / "slot0").exists() and busy["left"] == 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -78,21 +79,30 @@ def _write(path: str, text: str) -> None:
         fh.write(text)
 
 
-def _remove_tree(base: str) -> None:
+def _rmdir(path: str, wait_s: float) -> None:
+    """rmdir a cgroup, waiting up to ``wait_s`` while it is busy: a slot's warm interpreters are
+    killed with their worker's pid namespace, and the kernel reaps them a moment later."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                logger.warning("cannot remove cgroup %s: %s", path, exc)
+                return
+        time.sleep(0.02)
+
+
+def _remove_tree(base: str, wait_s: float = 2.0) -> None:
     """rmdir the slot directories, then the base (cgroup dirs are removed with rmdir, not unlink)."""
     if not os.path.isdir(base):
         return
     for name in os.listdir(base):
         sub = os.path.join(base, name)
         if os.path.isdir(sub):
-            try:
-                os.rmdir(sub)
-            except OSError as exc:
-                logger.warning("cannot remove cgroup %s: %s", sub, exc)
-    try:
-        os.rmdir(base)
-    except OSError as exc:
-        logger.warning("cannot remove cgroup %s: %s", base, exc)
+            _rmdir(sub, wait_s)
+    _rmdir(base, wait_s)
 
 
 def _sweep_stale(parent: str) -> None:
@@ -103,7 +113,7 @@ def _sweep_stale(parent: str) -> None:
         return
     for name in names:
         if name.startswith(PREFIX) and name[len(PREFIX):].isdigit() and not os.path.exists(f"/proc/{name[len(PREFIX):]}"):
-            _remove_tree(os.path.join(parent, name))
+            _remove_tree(os.path.join(parent, name), wait_s=0)
 
 
 def _v2_here(mounts, own: dict[str, str]) -> tuple[str, list[str]]:
