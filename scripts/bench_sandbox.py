@@ -131,7 +131,7 @@ def tree_pss_mb(pid: int) -> float:
 def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies of the whole host, from /proc/stat."""
     with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
+        fields = [int(x) for x in fh.readline().split()[1:9]]  # guest time is already inside user/nice
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
 
@@ -255,7 +255,8 @@ def main() -> None:
     p.add_argument("--load", type=int, default=0, help="also run the mixed load test with this many requests")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--url", help="measure a server already running there instead of starting one (e.g. one "
-                                 "started in a cgroup of its own); --server-pid then names it for the memory figures")
+                                 "started in a cgroup of its own); --server-pid then names it for the memory figures, and --workers/--fronts "
+                                 "only label the output (pass the server's)")
     p.add_argument("--server-pid", type=int, help="with --url: the server's pid (its process tree's PSS is sampled)")
     args = p.parse_args()
     if args.url and args.load and not args.server_pid:

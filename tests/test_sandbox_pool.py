@@ -97,10 +97,37 @@ async def test_every_worker_passes_the_probe_and_runs_confined():
     pool = WorkerPool(SandboxConfig(workers=1, preload=["math"], warmup=False))
     await pool.start()
     try:
-        from recipe.retool.sandbox.pool import PROBE, probe_failures
+        from recipe.retool.sandbox.pool import PROBE, probe_codes, probe_failures, slot_cgroups
 
+        codes = probe_codes(["math", "json"])
+        assert codes == [PROBE]  # no third-party preload: one interpreter
         resp = await pool.run({"code": PROBE, "run_timeout": 10})
-        assert probe_failures(resp, pool.capabilities) == [], resp
+        cgroups = slot_cgroups(pool.cgroup_plan, 0)
+        assert probe_failures(resp, pool.capabilities, cgroups) == [], resp
+        if cgroups:  # a run of slot 0 claimed for slot 1 is caught
+            assert any("slot's cgroup" in p for p in probe_failures(resp, pool.capabilities, slot_cgroups(pool.cgroup_plan, 1)))
+    finally:
+        await pool.close()
+
+
+async def test_the_probe_runs_through_both_warm_interpreters():
+    """With a third-party preload each worker has a lean and a full interpreter; the start-up probe
+    checks runs forked from each (a lean-only probe left the full one, which runs numpy and sympy
+    code, unchecked)."""
+    from recipe.retool.sandbox.pool import PROBE, probe_codes, probe_failures, slot_cgroups
+    from recipe.retool.sandbox.worker import stdlib_only
+
+    codes = probe_codes(["math", "numpy"])
+    assert len(codes) == 2 and stdlib_only(codes[0], ["numpy"]) and not stdlib_only(codes[1], ["numpy"])
+    assert codes[0] == PROBE
+    pool = WorkerPool(SandboxConfig(workers=1, preload=["math", "numpy"], warmup=False))
+    await pool.start()
+    try:
+        for code in codes:
+            resp = await pool.run({"code": code + "import sys\nprint('num' + 'py' in sys.modules, file=sys.stderr)",
+                                   "run_timeout": 10})
+            assert probe_failures(resp, pool.capabilities, slot_cgroups(pool.cgroup_plan, 0)) == [], resp
+            assert resp["run_result"]["stderr"].strip() == str(code != PROBE), resp
     finally:
         await pool.close()
 
@@ -177,3 +204,15 @@ def test_cgroup_removal_waits_for_a_busy_slot(tmp_path, monkeypatch):
     busy["left"] = 3
     cgroup._remove_tree(str(tmp_path / "stale"), wait_s=0)  # a sweep does not wait
     assert (tmp_path / "stale" / "slot0").exists() and busy["left"] == 2
+
+
+def test_several_fronts_get_the_parent_their_supervisor_prepared(tmp_path, monkeypatch):
+    from recipe.retool.sandbox import cgroup
+    from recipe.retool.sandbox.server import fronts_config
+
+    calls = []
+    monkeypatch.setattr(cgroup, "server_parent", lambda: calls.append(1) or str(tmp_path))
+    config = SandboxConfig(workers=4)
+    assert fronts_config(config, 2).cgroup_parent == str(tmp_path) and calls == [1]
+    assert fronts_config(config, 1).cgroup_parent is None and calls == [1]  # one front prepares its own
+    assert fronts_config(SandboxConfig(workers=4, cgroups=False), 2).cgroup_parent is None and calls == [1]

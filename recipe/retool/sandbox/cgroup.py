@@ -5,12 +5,13 @@ those escapes a per-process limit. A cgroup counts them all: every page any proc
 touches (heap, tmpfs files, memfd, SysV shm, page tables) is charged to it, and ``pids.max`` bounds
 its processes and threads.
 
-Layout: the pool makes one directory per server process beside its own cgroup
+Layout: the pool makes one directory per server process under its own cgroup
 (``<own cgroup>/retool-sandbox-<pid>``); each worker makes ``slot<N>`` under it at start-up, while
 it can still see ``/sys/fs/cgroup``, and keeps file descriptors to it. The worker's zygotes join the
 slot once (writing ``0`` to the ``cgroup.procs`` descriptor), so every request process is born in
 it; per request the worker sets the slot's limits. Besides the idle zygotes (whose pages were
-charged before they joined, and which the OOM killer is told to spare), only one request's processes
+charged before they joined; a request's processes raise their own ``oom_score_adj`` so that the OOM
+killer takes them first), only one request's processes
 are ever in a slot, so its counters describe one request at a time.
 
 v1 (the hybrid layout of many hosts: ``memory`` and ``pids`` as separate hierarchies) and v2 (one
@@ -112,7 +113,8 @@ def _sweep_stale(parent: str) -> None:
     except OSError:
         return
     for name in names:
-        if name.startswith(PREFIX) and name[len(PREFIX):].isdigit() and not os.path.exists(f"/proc/{name[len(PREFIX):]}"):
+        pid = name[len(PREFIX):].removeprefix("server-")  # a server's directory, or the leaf it moved into
+        if name.startswith(PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             _remove_tree(os.path.join(parent, name), wait_s=0)
 
 
@@ -174,8 +176,9 @@ def _prepare_v2(mounts, own: dict[str, str], name: str, parent: str | None = Non
         here, have = _v2_here(mounts, own)
         enable = _enable_v2(here, have)
         _sweep_stale(here)
-    else:  # prepared by the server's supervisor (server_parent); its stale entries swept there
+    else:  # prepared by the server's supervisor (server_parent); a restarted front sweeps its predecessor
         here = parent
+        _sweep_stale(here)
         with open(os.path.join(here, "cgroup.subtree_control")) as fh:
             enable = " ".join(f"+{c}" for c in fh.read().split() if c in CONTROLLERS)
     base = os.path.join(here, name)

@@ -92,8 +92,24 @@ print(json.dumps({"pid": os.getpid(), "uid": os.getuid(), "seccomp": status("Sec
 """
 
 
-def probe_failures(resp: dict[str, Any], caps: dict[str, Any]) -> list[str]:
-    """What the probe run saw that it should not have (empty when the worker is confined)."""
+def probe_codes(preload: list[str]) -> list[str]:
+    """The probe as each of a worker's warm interpreters runs it: the lean one (standard library
+    only) and, when there is one, the full one (a preloaded third-party module named in a comment
+    routes it there; see worker.stdlib_only)."""
+    from recipe.retool.sandbox.worker import split_preload
+
+    heavy = split_preload(preload)[1]
+    return [PROBE] + ([PROBE + f"# the full interpreter: {heavy[0]}\n"] if heavy else [])
+
+
+def slot_cgroups(plan: dict[str, Any] | None, slot: int) -> list[str]:
+    """The tails of /proc/self/cgroup paths a run of ``slot`` must show: <server dir>/slot<N> per hierarchy."""
+    return [f"{os.path.basename(d)}/slot{slot}" for d in (plan or {}).get("dirs", {}).values()]
+
+
+def probe_failures(resp: dict[str, Any], caps: dict[str, Any], cgroups: list[str] | None = None) -> list[str]:
+    """What the probe run saw that it should not have (empty when the worker is confined).
+    ``cgroups``: the slot directories (``slot_cgroups``) the run must be in."""
     rr = resp.get("run_result") or {}
     try:
         seen = json.loads(rr.get("stdout") or "")
@@ -110,8 +126,12 @@ def probe_failures(resp: dict[str, Any], caps: dict[str, Any]) -> list[str]:
     visible = [p for p in seen["visible"] if not any(e == p or e.startswith(p + "/") for e in exposed)]
     if visible:
         problems.append(f"host paths visible: {visible}")
-    if caps.get("cgroup") and "retool-sandbox-" not in seen["cgroup"]:
+    lines = seen["cgroup"].splitlines()
+    if caps.get("cgroup") and not cgroups and "retool-sandbox-" not in seen["cgroup"]:
         problems.append("not in its slot's cgroup")
+    missing = [c for c in cgroups or [] if not any(line.endswith("/" + c) for line in lines)]
+    if caps.get("cgroup") and missing:
+        problems.append(f"not in its slot's cgroup {missing} (sees {seen['cgroup'].strip()!r})")
     return problems
 
 
@@ -326,17 +346,17 @@ class WorkerPool:
         if not self.config.isolate:
             problems = problems if not self.config.allow_unsafe else []
         else:
-            try:
-                self._seq += 1
-                resp = await worker.call({"op": "run", "id": f"probe{self._seq}", "probe": True, "code": PROBE,
-                                          "run_timeout": 30},
-                                         30 + self.config.grace_s)
-            except WorkerDied as exc:
-                resp = _sandbox_error(str(exc))
-            probe = probe_failures(resp, caps)
+            for code in probe_codes(self.config.preload):  # through each warm interpreter
+                try:
+                    self._seq += 1
+                    resp = await worker.call({"op": "run", "id": f"probe{self._seq}", "probe": True, "code": code,
+                                              "run_timeout": 30},
+                                             30 + self.config.grace_s)
+                except WorkerDied as exc:
+                    resp = _sandbox_error(str(exc))
+                probe = probe_failures(resp, caps, slot_cgroups(self.cgroup_plan, slot))
+                problems += [f"probe: {p}" for p in probe if f"probe: {p}" not in problems]
             worker.runs = 0
-            if probe:
-                problems += [f"probe: {p}" for p in probe]
         if problems and not self.config.allow_unsafe:
             self._retire(worker)
             raise RuntimeError(f"refusing to serve: sandbox isolation incomplete in worker {slot}: "

@@ -244,15 +244,21 @@ def split_workers(total: int, fronts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(fronts)]
 
 
+def fronts_config(config: SandboxConfig, fronts: int) -> SandboxConfig:
+    """The config the front processes get. Several fronts share this process's cgroup: each making
+    its directory there would trip over the others ("no internal processes" in v2), so the cgroup v2
+    directory they share is prepared here, once (None where v2 cannot: each front then tries alone)."""
+    if config.isolate and config.cgroups and fronts > 1:
+        from recipe.retool.sandbox import cgroup
+
+        return replace(config, cgroup_parent=cgroup.server_parent())
+    return config
+
+
 def _supervise(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str, fronts: int) -> int:
     """Fork ``fronts`` front processes on one socket; restart one that dies after it was ready."""
     shares = split_workers(config.workers, fronts)
-    if config.isolate and config.cgroups and fronts > 1:
-        # the fronts share this process's cgroup: each making its directory there would trip over
-        # the others ("no internal processes" in v2), so the directory they share is made here
-        from recipe.retool.sandbox import cgroup
-
-        config = replace(config, cgroup_parent=cgroup.server_parent())
+    config = fronts_config(config, fronts)
     ready_r, ready_w = os.pipe()
     children: dict[int, int] = {}  # pid → front index
     ready: set[int] = set()

@@ -351,13 +351,16 @@ def start_zygote(cfg: dict[str, Any], caps: Capabilities, cgroup_fds: list[int],
     sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
-        sock.close()
-        for fd in close:
-            os.close(fd)
-        for fd in cgroup_fds:
-            os.write(fd, b"0")
-            os.close(fd)
-        _zygote(child_sock, cfg, caps)
+        try:
+            sock.close()
+            for fd in close:
+                os.close(fd)
+            for fd in cgroup_fds:
+                os.write(fd, b"0")
+                os.close(fd)
+            _zygote(child_sock, cfg, caps)
+        finally:  # never back into main() as a second manager; the worker sees a dead zygote
+            os._exit(1)
     child_sock.close()
     return Zygote(sock, pid, base_vm, warm_rss)
 
