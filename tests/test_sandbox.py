@@ -794,3 +794,16 @@ def test_a_stopped_server_leaves_no_cgroup_behind():
         pytest.skip("no cgroup on this machine")
     dirs = list(plan["dirs"].values())
     assert dirs and not [d for d in dirs if os.path.exists(d)], dirs
+
+
+def test_small_etc_files_are_copied_not_bound(sandbox_server):
+    """Each request copies its worker's mount table and tears it down under the kernel's global
+    namespace lock: the allowlisted /etc files are copies in the read-only root, not one bind each."""
+    code = ("lines = open('/proc/self/mountinfo').read().splitlines()\n"
+            "etc = [l.split()[4] for l in lines if l.split()[4].startswith('/etc')]\n"
+            "import os\n"
+            "try:\n    open('/etc/passwd', 'a')\n    writable = True\nexcept OSError:\n    writable = False\n"
+            "print(len(lines), etc, os.path.isfile('/etc/passwd'), os.path.isfile('/etc/hosts'), writable)")
+    out = run(sandbox_server, code)["run_result"]["stdout"].split(" ", 1)
+    assert out[1].strip() == "[] True True False", out
+    assert int(out[0]) <= 16, out  # root, system dirs, python paths, /dev nodes, per-request mounts

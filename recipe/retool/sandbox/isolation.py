@@ -31,6 +31,7 @@ import ctypes
 import errno
 import os
 import resource
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -256,6 +257,38 @@ def _mirror(src: str, new_root: str, readonly: bool = True, extra: int = MS_NOSU
     return True
 
 
+COPY_LIMIT = 512 * 1024  # an /etc entry up to this size is copied into the root's tmpfs rather than bound
+
+
+def _tree_size(path: str) -> int:
+    if not os.path.isdir(path) or os.path.islink(path):
+        return os.lstat(path).st_size
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, dirs, files in os.walk(path) for f in dirs + files)
+
+
+def _copy_small(src: str, new_root: str) -> bool:
+    """Copy a small /etc file or directory (symlinks kept as links) into the new root's tmpfs, which
+    becomes read-only with the root. A copy is one mount fewer than a bind, in the worker's mount
+    namespace and in every request's copy of it: each request copies and tears down those mounts
+    under the kernel's global namespace lock. False (nothing done) where it is large, special, or gone."""
+    if os.path.islink(src) or not os.path.exists(src):
+        return False
+    try:
+        if _tree_size(src) > COPY_LIMIT:
+            return False
+        dst = new_root + src
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True)
+        elif os.path.isfile(src):
+            shutil.copy2(src, dst)
+        else:
+            return False
+    except OSError:
+        return False
+    return True
+
+
 def _pivot_root(new_root: str, put_old: str) -> None:
     nr = SYSCALLS.get(machine(), {}).get("pivot_root")
     if nr is None:
@@ -282,7 +315,7 @@ def build_root(caps: Capabilities, expose: list[str], mount_points: list[str]) -
             if _mirror(path, new):
                 done.append(path)
         for name in ETC_FILES:
-            _mirror(f"/etc/{name}", new)
+            _copy_small(f"/etc/{name}", new) or _mirror(f"/etc/{name}", new)
         os.makedirs(new + "/dev", exist_ok=True)
         for node in DEV_NODES:
             if os.path.exists(f"/dev/{node}"):
