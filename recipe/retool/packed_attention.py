@@ -12,14 +12,13 @@ packed flash attention, ``torch.nn.attention.varlen.varlen_attn`` (PyTorch >= 2.
 where that kernel does not exist, it runs SDPA once per sequence: the reference the tests compare
 the packing against.
 
-Opt in with ``model.external_lib=recipe.retool.packed_attention`` (which also loads
-``recipe.retool.verl_perf``, the recipe's default external lib) and
-``+model.override_config.attn_implementation=retool_packed``, and let a micro-batch hold several
-sequences (``data.max_token_len_per_gpu`` above the sequence length). It is not loaded by default:
-with it imported in the GRPO workers of the CPU miniature loop (``tests/test_mini_grpo.py``), the
-rollout-vs-actor token-probability correlation fell from > 0.999 to 0.90 although nothing selected
-it; the cause is not located yet. Not supported (each raises): Ulysses sequence parallelism (verl's all-to-all lives in its
-flash-attention patch), padded batches with an attention mask, sliding windows, attention dropout.
+``retool.attention: auto`` (:mod:`recipe.retool.attention`) selects it on CUDA machines without
+flash-attn at Ulysses size 1, through ``model.external_lib=recipe.retool.packed_attention`` (which
+also loads ``recipe.retool.verl_perf``, the recipe's default external lib) and
+``+model.override_config.attn_implementation=retool_packed``; a micro-batch then holds several
+sequences wherever ``max_token_len_per_gpu`` exceeds the sequence length. Not supported (each
+raises): Ulysses sequence parallelism (verl's all-to-all lives in its flash-attention patch), padded
+batches with an attention mask, sliding windows, attention dropout.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
+from recipe.retool.attention import resolve as resolve_attention
 from recipe.retool.config_check import (
     EXTENSION_KEYS,
     data_problems,
@@ -357,9 +358,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({config_name}, verl {_verl_version()}):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     cfg = compose(config_name, overrides, config_dir)
+    attention, attention_overrides = resolve_attention(cfg, args.stage)
+    if attention_overrides:
+        overrides += attention_overrides
+        cfg = compose(config_name, overrides, config_dir)
+    attention_line = f"attention: {attention.implementation} ({attention.reason})"
+    if attention.problem and not args.dry_run:
+        print(f"error: {attention_line}: {attention.problem}", file=sys.stderr)
+        return 2
     cmd = build_command(args.stage, config_name, overrides, cfg, config_dir)
     env = environment(cfg, args.stage)
     if args.dry_run:
+        print(f"# {attention_line}" + (f"\n# warning, a launch on this machine is refused: {attention.problem}"
+                                       if attention.problem else ""))
         print("# resolved config")
         print(OmegaConf.to_yaml(cfg, resolve=True))
         if merge:
@@ -371,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if merge:
         print(f"merging {merge.merge_from} → {merge.path}", flush=True)
         subprocess.run(merge.merge_command(), check=True)
+    print(attention_line, flush=True)
     print(shlex.join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
 
