@@ -1,6 +1,6 @@
 """Miniature GRPO, end to end: verl's real ``main_ppo`` with our template, tool, sandbox and reward.
 
-    python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps N]
+    python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps N] [--attention sdpa|retool_packed]
 
 1. builds a tiny random-init Qwen2 model with the offline dev tokenizer, then teaches it by
    teacher forcing (``--teach-steps`` Adam steps on the RL prompts) to open its answer with a
@@ -152,6 +152,12 @@ CPU_FP32 = [f"+actor_rollout_ref.{role}.fsdp_config.mixed_precision.param_dtype=
 # A learning rate that visibly moves the tiny policy in one step (the template's 1e-6 barely does), so
 # that a rollout copy left on stale weights after the sync or the resume cannot pass for on-policy.
 VISIBLE_STEP = ["actor_rollout_ref.actor.optim.lr=1e-3"]
+# The actor and reference through packed attention (recipe/retool/packed_attention.py): verl's
+# remove-padding rows, several sequences per micro-batch. On CPU the kernel is SDPA per sequence;
+# on CUDA, PyTorch's varlen flash attention.
+PACKED = ["actor_rollout_ref.model.use_remove_padding=true",
+          "actor_rollout_ref.model.override_config.attn_implementation=retool_packed",
+          "actor_rollout_ref.model.external_lib=recipe.retool.packed_attention"]
 
 
 def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict,
@@ -176,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teach-steps", type=int, default=150,
                    help="Adam steps teaching the model to call the tool (default: %(default)s)")
     p.add_argument("--no-teach", action="store_true", help="keep the random model (it will not call the tool)")
+    p.add_argument("--attention", choices=["sdpa", "retool_packed"], default="sdpa",
+                   help="the actor's and reference's attention: the debug config's padded SDPA, or packed "
+                        "remove-padding rows (default: %(default)s)")
     return p
 
 
@@ -189,7 +198,7 @@ def main() -> None:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"device": args.device}
+    summary: dict = {"device": args.device, "attention": args.attention}
     progress(f"building a tiny model and the sample data under {out}")
     model = save_tiny_qwen2(out / "model", build_dev_tokenizer())
     data = prepare_all(out / "data", SAMPLE_SOURCES)
@@ -198,7 +207,7 @@ def main() -> None:
         progress(f"taught: {summary['teach']}")
     config_name = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
     config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
-    overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32)
+    overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32) + (PACKED if args.attention == "retool_packed" else [])
     progress("starting the sandbox server")
     sandbox = LocalSandbox(workers=2).wait()
     try:
