@@ -60,7 +60,8 @@ def test_right_types_in_other_spellings_pass(capsys, tiny_model_dir, data_dir):
                       "actor_rollout_ref.actor.optim.lr=2e-6", "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0",
                       "trainer.total_epochs=2", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
                       "reward.custom_reward_function.reward_kwargs.tool_bonus=0", "trainer.logger=[console,wandb]",
-                      "+reward.custom_reward_function.reward_kwargs.new_kwarg=1",
+                      "trainer.total_training_steps=5", "data.val_batch_size=8", "+retool.env.MY_FLAG=1",
+                      "retool.attention=sdpa",
                       # mixed_precision is a free-form dict in verl's FSDP config (null in its YAML)
                       "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32")
     assert rc == 0, err
@@ -81,6 +82,26 @@ def test_keys_verl_will_not_read_are_flagged(capsys, tiny_model_dir, data_dir, o
     rc, err = dry_run(capsys, "grpo", tiny_model_dir, data_dir, override)
     assert rc == 2 and f"override '{override}': {expected}" in err, err
     assert "To append to your config use +" not in err  # Hydra's hint would lead straight into the + trap
+
+
+@pytest.mark.parametrize("override, expected", [
+    # Hydra's own hint for a misspelt key is "+retool.atention=…", which must not pass either
+    ("retool.atention=sdpa", "'retool.atention' is not a key of the recipe's retool block"),
+    ("+retool.atention=sdpa", "'retool.atention' is not a key of the recipe's retool block"),
+    # our compute_score takes **kwargs (verl passes extra arguments): a misspelt keyword would vanish
+    ("+reward.custom_reward_function.reward_kwargs.tool_bonsu=0", "reward keyword 'tool_bonsu' is not a parameter of compute_score"),
+    # fields verl's YAML leaves null: their type is not in any default
+    ("trainer.total_training_steps=abc", "'trainer.total_training_steps' expects an integer (verl reads it as one"),
+    ("data.val_batch_size=1.5", "'data.val_batch_size' expects an integer"),
+])
+def test_our_own_keys_and_null_defaulted_fields_are_checked_too(capsys, tiny_model_dir, data_dir, override, expected):
+    rc, err = dry_run(capsys, "grpo", tiny_model_dir, data_dir, override)
+    assert rc == 2 and f"override '{override}': {expected}" in err, err
+    assert "To append to your config use +" not in err
+    if "atention" in override:
+        assert "did you mean 'retool.attention'?" in err
+    if "bonsu" in override:
+        assert "did you mean 'tool_bonus'?" in err
 
 
 def test_a_wrong_type_in_a_yaml_file_names_the_file(capsys, tiny_model_dir, data_dir, tmp_path):

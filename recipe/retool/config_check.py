@@ -39,8 +39,22 @@ from typing import Any
 # Keys verl passes on without reading them itself (everything else must exist in verl's schema):
 # our own ``retool`` block, the reward function's keyword arguments, ray.init()'s keyword arguments
 # and the Hugging Face model-config overrides (their schemas are ours, Ray's and transformers').
+# Of these, ours are checked here too: a ``retool.`` key must be one our YAML defines (``retool.env.``
+# is free-form: environment variables), and a reward keyword must be a parameter of the reward function.
 EXTENSION_KEYS = ("retool.", "reward.custom_reward_function.reward_kwargs.", "ray_kwargs.ray_init.",
                   "model.override_config.", "actor_rollout_ref.model.override_config.")
+OWN_BLOCK, FREE_FORM_OWN = "retool.", ("retool.env.",)
+REWARD_KWARGS = "reward.custom_reward_function.reward_kwargs"
+# what verl itself passes to the reward function; reward_kwargs come on top
+REWARD_CALL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
+
+# Fields verl's YAML leaves null and no config dataclass types, whose readers use them as integers
+# (verl 0.9.1: the trainers compare, count and slice with them), so a default cannot tell their type.
+NULL_DEFAULT_TYPES: dict[str, type] = {
+    "data.gen_batch_size": int, "data.val_batch_size": int, "data.seed": int,
+    "trainer.total_training_steps": int, "trainer.max_actor_ckpt_to_keep": int,
+    "trainer.max_critic_ckpt_to_keep": int, "trainer.max_ckpt_to_keep": int,
+}
 
 # trainer.logger backend → the package verl imports for it at start-up (None: part of verl itself)
 LOGGER_MODULES: dict[str, str | None] = {
@@ -120,6 +134,12 @@ def override_problems(overrides: Sequence[str], composed: dict, reference: dict,
         key = override.key_or_group
         if override.package is not None or "/" in key or override.is_delete():
             continue  # config-group choices and deletions: Hydra checks them itself
+        if key.startswith(OWN_BLOCK) and not key.startswith(FREE_FORM_OWN) and not has_path(composed, key):
+            own = [k for k in leaf_paths(composed.get("retool") or {}, "retool.")]
+            matches = difflib.get_close_matches(key, own, n=2, cutoff=0.8)
+            problems.append(f"override '{line}': '{key}' is not a key of the recipe's retool block (keys: "
+                            f"{', '.join(own)})" + (f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""))
+            continue
         if key.startswith(EXTENSION_KEYS):
             continue
         if override.is_add() or override.is_force_add():
@@ -239,6 +259,12 @@ def type_problems(config: dict, reference: dict, origin: Callable[[str], str],
                 continue
             if value is None or value == _MISSING or path in skip:
                 continue  # verl's own YAML leaves typed fields null; "???" is checked by verl
+            if kind is None and path in NULL_DEFAULT_TYPES:
+                kind = NULL_DEFAULT_TYPES[path]
+                if not _fits(value, kind, converts=False):
+                    problems.append(f"{origin(path)}: '{path}' expects {_WORDS[kind]} (verl reads it as one; its "
+                                    f"default is null), got {value!r}")
+                continue
             if kind in _WORDS:
                 if not _fits(value, kind, converts=True):
                     where = f"{cls.__module__}.{cls.__qualname__}.{key}"
@@ -248,6 +274,44 @@ def type_problems(config: dict, reference: dict, origin: Callable[[str], str],
                                 f"{child_ref!r}), got {value!r}")
 
     walk(config, reference, None, "")
+    return problems
+
+
+def function_parameters(path: str, name: str) -> list[str] | None:
+    """Named parameters of function ``name`` in the Python file ``path``, read from its source
+    (not imported); None when the file or the function cannot be read."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            a = node.args
+            return [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    return None
+
+
+def reward_kwargs_problems(config: dict, origin: Callable[[str], str]) -> list[str]:
+    """``reward_kwargs`` the configured reward function has no parameter for. verl passes them as
+    keyword arguments; a function that also takes ``**kwargs`` (ours does, for verl's own extra
+    arguments) would swallow a misspelt one silently."""
+    fn = (config.get("reward") or {}).get("custom_reward_function") or {}
+    kwargs, path, name = fn.get("reward_kwargs") or {}, fn.get("path"), fn.get("name") or "compute_score"
+    if not kwargs or not path:
+        return []
+    params = function_parameters(path, name)
+    if params is None:
+        return []  # a missing file or function is verl's own start-up error, not guessed at here
+    own = [p for p in params if p not in REWARD_CALL_ARGS]
+    problems = []
+    for key in kwargs:
+        if key not in own:
+            matches = difflib.get_close_matches(key, own, n=1, cutoff=0.6)
+            problems.append(f"{origin(f'{REWARD_KWARGS}.{key}')}: reward keyword '{key}' is not a parameter of "
+                            f"{name} in {path} (it takes: {', '.join(own)})"
+                            + (f"; did you mean '{matches[0]}'?" if matches else ""))
     return problems
 
 

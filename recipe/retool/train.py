@@ -38,6 +38,7 @@ from recipe.retool.config_check import (
     interpolated_paths,
     logger_problems,
     override_problems,
+    reward_kwargs_problems,
     type_problems,
 )
 
@@ -205,6 +206,7 @@ def check_config(config_name: str, config_dir: Path, overrides: Sequence[str], u
         return f"verl's {base} config"
 
     problems = type_problems(cfg, reference, origin, interpolated_paths(composed))
+    problems += reward_kwargs_problems(cfg, origin)
     problems += logger_problems(list(cfg["trainer"].get("logger") or []), origin("trainer.logger"))
     return problems + data_problems(cfg, data_dir)
 
