@@ -321,3 +321,20 @@ def test_the_public_sandbox_endpoint_requires_a_token(tmp_path):
     app = s.create_sandbox_app({"RETOOL_SANDBOX_TOKEN": "abc123"})
     guard = [m for m in app.user_middleware if m.cls.__name__ == "_Guard"]
     assert guard and guard[0].kwargs["token"] == "abc123"
+
+
+def test_a_cloud_run_the_trainer_would_refuse_stops_before_any_image_is_built(tmp_path):
+    from recipe.retool.launcher import attention_problems, load_experiment
+
+    # the shipped configs run SFT at Ulysses 1 (retool_packed), since their image has no flash-attn
+    for cfg in sorted((REPO / "config" / "modal").glob("*.yaml")):
+        assert attention_problems(load_experiment(cfg, environ={})) == [], cfg
+    # the template's Ulysses 4 without a flash-attn wheel would attend within each rank's slice
+    exp = load_experiment(None, ["sft.overrides=[]"])
+    [problem] = attention_problems(exp)
+    assert problem.startswith("sft (retool_sft with sft.overrides)") and "Ulysses sequence parallelism 4" in problem
+    assert "engine.ulysses_sequence_parallel_size=1" in problem
+    assert attention_problems(load_experiment(None, ["sft.overrides=[]", "image.flash_attn_wheel=https://example.org/fa.whl"])) == []
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.launcher", "--dry-run", "sft.overrides=[]"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "would be refused at launch" in proc.stderr and not proc.stdout

@@ -477,6 +477,27 @@ def smoke_experiment(exp: Experiment) -> Experiment:
     return replace(exp, gpus=1, nodes=1, model=exp.smoke.model, data=replace(exp.data, sample=True))
 
 
+def attention_problems(exp: Experiment) -> list[str]:
+    """What ``retool.attention`` would refuse in the cloud (recipe/retool/attention.py), found here
+    before any image is built: the image has CUDA and PyTorch's packed attention, and flash-attn only
+    with ``image.flash_attn_wheel``. The train functions' own launch check stays the final word."""
+    from recipe.retool.attention import Environment, resolve
+    from recipe.retool.train import compose, path_overrides, split_config_arg
+
+    image = Environment(flash_attn=bool(exp.image.flash_attn_wheel), cuda=True, varlen=True)
+    problems = []
+    for stage, section, experiment in (("sft", exp.sft, exp.sft_name), ("grpo", exp.grpo, exp.grpo_name)):
+        name, config_dir = split_config_arg(section.config)
+        cfg = compose(name, [*path_overrides(model_dir(exp.model), DATA_DIR, CKPT_DIR, experiment),
+                             *resource_overrides(exp), *section.overrides], config_dir)
+        choice, _ = resolve(cfg, stage, image)
+        if choice.problem:
+            problems.append(f"{stage} ({section.config} with {stage}.overrides): {choice.problem}; with "
+                            "image.flash_attn_wheel unset, add engine.ulysses_sequence_parallel_size=1 to sft.overrides"
+                            if stage == "sft" else f"{stage} ({section.config}): {choice.problem}")
+    return problems
+
+
 def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
     """Every Modal function: its commands and resources (what ``--dry-run`` prints)."""
     gpu = f"{exp.gpu}:{exp.gpus}"
@@ -531,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp = load_experiment(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    problems = attention_problems(exp)
+    if problems:
+        print("error: the cloud run would be refused at launch:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     print(f"experiment {exp.experimenter}/{exp.experiment}; volumes {volume_names(exp)}")
     for name, item in plan(exp).items():

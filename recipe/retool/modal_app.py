@@ -28,6 +28,8 @@ from recipe.retool import launcher
 
 REPO = launcher.REPO_ROOT
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
+if modal.is_local() and (_refused := launcher.attention_problems(EXP)):  # before any image is built
+    raise SystemExit("error: the cloud run would be refused at launch:\n  " + "\n  ".join(_refused))
 # RETOOL_EXPERIMENTER / RETOOL_EXPERIMENT from the local shell, set again in every container (where
 # this file is imported once more), so that paths computed there name the same experiment. Computed
 # from the environment alone, not under modal.is_local(): in the container the same variables give the
