@@ -209,7 +209,7 @@ def main() -> None:
     p.add_argument("--skip-resume", action="store_true")
     p.add_argument("--skip-reference", action="store_true", help="no plain-PyTorch reference steps")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "retool_packed", "flash_attention_2"],
-                   help="attention implementation (auto: flash_attention_2 if flash-attn is installed, else sdpa)")
+                   help="attention implementation (auto: as retool.attention=auto picks, recipe/retool/attention.py)")
     p.add_argument("--pack", type=int, default=1, help="sequences per micro-batch (needs retool_packed or flash_attention_2)")
     p.add_argument("--reference-only", action="store_true", help="only the plain-PyTorch reference step")
     p.add_argument("--extra", nargs="*", default=[], help="more verl overrides")
@@ -217,11 +217,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     attn = args.attn
-    if attn == "auto":
-        from transformers.utils import is_flash_attn_2_available
+    if attn == "auto":  # as the recipe's retool.attention=auto picks
+        from recipe.retool.attention import Environment, choose
 
-        # flash-attn 2 itself, not only a `flash_attn` namespace (flash-attn-4 installs one without FA2)
-        attn = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+        choice = choose("auto", args.sp, Environment.probe())
+        if choice.problem:
+            p.error(choice.problem)
+        attn = choice.implementation
     if args.pack > 1 and attn == "sdpa":
         p.error("--pack > 1 needs attention that keeps sequences apart: --attn retool_packed or flash_attention_2")
     summary: dict = {"shape": args.shape, "seq_len": args.seq_len, "batch": args.batch, "gpus": args.gpus, "sp": args.sp,

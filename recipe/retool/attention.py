@@ -7,10 +7,10 @@ missing. ``auto`` picks, on the machine that launches the trainer (the training 
 ==========================================  ==================  ==========================================
 environment                                 Ulysses SP size     attention
 ==========================================  ==================  ==========================================
-flash-attn importable                       any                 ``flash_attention_2`` (verl's default)
+flash-attn 2 installed                      any                 ``flash_attention_2`` (verl's default)
 CUDA, no flash-attn, PyTorch >= 2.10        1                   ``retool_packed`` (PyTorch's packed flash
                                                                 attention, :mod:`recipe.retool.packed_attention`)
-CUDA, no flash-attn                         > 1                 refused: verl applies Ulysses only inside
+no flash-attn (CUDA or not)                 > 1                 refused: verl applies Ulysses only inside
                                                                 flash attention (see below)
 no CUDA (CPU: development, dry runs)        1                   ``sdpa``
 ==========================================  ==================  ==========================================
@@ -54,9 +54,11 @@ class Environment:
     @classmethod
     def probe(cls) -> Environment:
         import torch
+        from transformers.utils import is_flash_attn_2_available
 
-        return cls(flash_attn=importlib.util.find_spec("flash_attn") is not None,
-                   cuda=torch.cuda.is_available(),
+        # flash-attn 2 itself, as transformers checks it: flash-attn-4 installs a `flash_attn`
+        # namespace without FA2's kernels
+        return cls(flash_attn=is_flash_attn_2_available(), cuda=torch.cuda.is_available(),
                    varlen=importlib.util.find_spec("torch.nn.attention.varlen") is not None)
 
     def describe(self) -> str:
