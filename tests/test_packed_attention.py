@@ -104,28 +104,20 @@ def test_verl_workers_get_it_through_the_recipes_external_lib():
 @pytest.mark.slow
 def test_verl_sft_trainer_packed_matches_padded_sdpa(tiny_model_dir, sample_data, tmp_path):
     """verl's SFT trainer (CPU platform): packed micro-batches through ``retool_packed`` give the same
-    per-step losses as padded SDPA batches: the loss curves of the old and new paths agree."""
-    import re
-    import subprocess
-    import sys
+    per-step losses as padded SDPA batches (scripts/attention_loss_curves.py, three steps here)."""
+    import importlib.util
 
     from recipe.retool import PACKAGE_DIR
 
+    spec = importlib.util.spec_from_file_location("attention_loss_curves",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "attention_loss_curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
     data_dir = Path(sample_data["sft"]).parents[1]
     config = PACKAGE_DIR / "dev" / "config" / "mini_sft.yaml"
-
-    def losses(name: str, extra: list[str]) -> dict[int, float]:
-        cmd = [sys.executable, "-m", "recipe.retool.train", "sft", str(tiny_model_dir), str(data_dir),
-               str(tmp_path / name), name, "--config", str(config), "trainer.total_training_steps=3", *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        found = {int(m.group(1)): float(m.group(2))
-                 for m in re.finditer(r"step:(\d+) - .*?train/loss:([-\d.eE+]+)", proc.stdout + proc.stderr)}
-        assert sorted(found) == [1, 2, 3], proc.stdout[-2000:]
-        return found
-
-    padded = losses("padded", [])
-    packed = losses("packed", ["model.use_remove_padding=true", "model.external_lib=recipe.retool.packed_attention",
-                               "model.override_config.attn_implementation=retool_packed"])
+    padded = curves.sft_losses(tiny_model_dir, data_dir, tmp_path, "padded", config, 3, [], timeout=900)
+    packed = curves.sft_losses(tiny_model_dir, data_dir, tmp_path, "packed", config, 3, curves.PACKED, timeout=900)
+    assert sorted(padded) == sorted(packed) == [1, 2, 3]
     for step in padded:
         assert packed[step] == pytest.approx(padded[step], rel=1e-4), (padded, packed)
+    assert curves.compare(padded, packed)["max_rel_diff"] < 1e-4
