@@ -10,7 +10,7 @@ configured with the learning rate moved by 1e-4 (relative): the noise floor, how
 apart from a rounding-sized change alone. Prints the losses
 side by side, how many leading steps agree to rounding, the mean losses over windows of steps,
 and writes OUT/summary.json; exits 1 when the first step already differs or a window's mean
-differs by more than ``--tol`` (relative).
+differs by more than the noise floor's largest window difference (or ``--tol``, if larger).
 
 On CPU the packed path runs SDPA once per sequence, so the comparison covers verl's packing and our
 sequence boundaries (fp32: the curves should agree to rounding); on a GPU it also covers PyTorch's
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="task seed (default: %(default)s)")
     p.add_argument("--window", type=int, default=50, help="steps per window of mean losses (default: %(default)s)")
     p.add_argument("--tol", type=float, default=0.03,
-                   help="largest relative difference allowed between the runs' windowed mean losses (default: %(default)s)")
+                   help="relative difference of windowed mean losses always allowed; more is allowed up to the noise floor's (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="FSDP compute dtype of both runs (default: fp32 on cpu, bf16 on gpu; verl's default is bf16)")
     p.add_argument("--model", type=Path, help="model directory (default: a random-init model of the miniature's shape)")
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"device": args.device, "dtype": dtype, "steps": args.steps, "seed": args.seed, "tolerance": tol, "seconds": seconds,
                **stats, "noise_floor": noise, "losses": {k: {str(s): v for s, v in r.items()} for k, r in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    ok = stats["max_window_rel_diff"] <= tol and stats["steps_same"] >= 1
+    # packing must move the curve no further than a rounding-sized change does (or than --tol)
+    ok = stats["steps_same"] >= 1 and stats["max_window_rel_diff"] <= max(tol, noise["max_window_rel_diff"])
     print("agree" if ok else "DISAGREE", flush=True)
     return 0 if ok else 1
 
