@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from recipe.retool.attention import implementation_overrides  # noqa: E402
+
 # the packed path: one row of concatenated sequences per micro-batch, our attention over it
-PACKED = ["model.use_remove_padding=true", "model.external_lib=recipe.retool.packed_attention",
-          "model.override_config.attn_implementation=retool_packed"]
+PACKED = ["model.use_remove_padding=true", *implementation_overrides("model", "retool_packed", new_key=False)]
 
 
 def sft_losses(model: Path, data_dir: Path, out: Path, name: str, config: Path, steps: int,
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         model, data = (args.model or built_model), (args.data or built_data)
     from recipe.retool.train import compose, split_config_arg
 
-    name, config_dir = split_config_arg(str(config))
-    lr = float(compose(name, [], config_dir).optim.lr)
+    config_name, config_dir = split_config_arg(str(config))
+    lr = float(compose(config_name, [], config_dir).optim.lr)
     # the noise floor: the baseline again with the learning rate moved by 1e-4 (relative), a change
     # of the same kind as rounding; its distance from the baseline is what chaos alone gives
     plans = [("padded_sdpa", []), ("packed", PACKED), ("padded_sdpa_lr_nudged", [f"optim.lr={lr * (1 + 1e-4)!r}"])]

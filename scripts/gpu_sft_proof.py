@@ -234,9 +234,9 @@ def main() -> None:
     data = build_data(out / f"data-{args.seq_len}", model, args.seq_len, rows=args.batch * (args.steps + 4))
     extra = list(args.extra)
     if attn != "flash_attention_2":  # verl's default
-        extra.append(f"+model.override_config.attn_implementation={attn}")
-    if attn == "retool_packed":  # opt-in: registers the attention in the trainer (and keeps verl_perf)
-        extra.append("model.external_lib=recipe.retool.packed_attention")
+        from recipe.retool.attention import implementation_overrides
+
+        extra += implementation_overrides("model", attn, new_key=True)
     summary["overrides"] = extra
     summary["reference_tflops"] = {}
     for c in (() if args.skip_reference else (False, True)):

@@ -155,9 +155,11 @@ VISIBLE_STEP = ["actor_rollout_ref.actor.optim.lr=1e-3"]
 # The actor and reference through packed attention (recipe/retool/packed_attention.py): verl's
 # remove-padding rows, several sequences per micro-batch. On CPU the kernel is SDPA per sequence;
 # on CUDA, PyTorch's varlen flash attention.
-PACKED = ["actor_rollout_ref.model.use_remove_padding=true",
-          "actor_rollout_ref.model.override_config.attn_implementation=retool_packed",
-          "actor_rollout_ref.model.external_lib=recipe.retool.packed_attention"]
+def packed_overrides() -> list[str]:
+    from recipe.retool.attention import implementation_overrides
+
+    return ["actor_rollout_ref.model.use_remove_padding=true",
+            *implementation_overrides("actor_rollout_ref.model", "retool_packed", new_key=False)]
 
 
 def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict,
@@ -207,7 +209,7 @@ def main() -> None:
         progress(f"taught: {summary['teach']}")
     config_name = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
     config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
-    overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32) + (PACKED if args.attention == "retool_packed" else [])
+    overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32) + (packed_overrides() if args.attention == "retool_packed" else [])
     progress("starting the sandbox server")
     sandbox = LocalSandbox(workers=2).wait()
     try:

@@ -122,10 +122,16 @@ def resolve(cfg, stage: str, env: Environment | None = None) -> tuple[Choice, li
     choice = choose(requested, ulysses, env)
     if explicit:
         return choice, []  # already in the config, as given
-    overrides = [f"+{node}.override_config.attn_implementation={choice.implementation}"]
-    if choice.implementation == "retool_packed":
+    return choice, implementation_overrides(node, choice.implementation, new_key=True)
+
+
+def implementation_overrides(node: str, implementation: str, new_key: bool) -> list[str]:
+    """verl overrides that make the model config at ``node`` attend through ``implementation``
+    (``new_key``: the config has no ``override_config.attn_implementation`` yet, so Hydra needs ``+``)."""
+    overrides = [f"{'+' if new_key else ''}{node}.override_config.attn_implementation={implementation}"]
+    if implementation == "retool_packed":
         overrides.append(f"{node}.external_lib={PACKED_LIB}")  # which also loads recipe.retool.verl_perf
-    return choice, overrides
+    return overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,10 +135,9 @@ def override_problems(overrides: Sequence[str], composed: dict, reference: dict,
         if override.package is not None or "/" in key or override.is_delete():
             continue  # config-group choices and deletions: Hydra checks them itself
         if key.startswith(OWN_BLOCK) and not key.startswith(FREE_FORM_OWN) and not has_path(composed, key):
-            own = [k for k in leaf_paths(composed.get("retool") or {}, "retool.")]
-            matches = difflib.get_close_matches(key, own, n=2, cutoff=0.8)
+            own = {"retool": composed.get("retool") or {}}
             problems.append(f"override '{line}': '{key}' is not a key of the recipe's retool block (keys: "
-                            f"{', '.join(own)})" + (f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""))
+                            f"{', '.join(leaf_paths(own))}){_close(key, own)}")
             continue
         if key.startswith(EXTENSION_KEYS):
             continue
