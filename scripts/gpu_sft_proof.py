@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -159,12 +160,23 @@ def build_data(out: Path, tokenizer_dir: Path, seq_len: int, rows: int) -> Path:
     return path.parent.parent
 
 
+def _configured_external_lib() -> str:
+    """The SFT config's own model.external_lib (kept when the profiler module is added to it)."""
+    from omegaconf import OmegaConf
+
+    from recipe.retool.train import CONFIG_DIR
+
+    return OmegaConf.load(CONFIG_DIR / "retool_sft.yaml").model.external_lib
+
+
 _STEP_LINE = re.compile(r"step:(\d+) - .*?train/global_tokens:(\d+)")
 _LOSS = re.compile(r"train/loss:([-\d.eE+]+)")
 
 
 def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch: int, log: Path,
-            extra: list[str], gpus: int = 1, sp: int = 1, pack: int = 1) -> dict:
+            extra: list[str], gpus: int = 1, sp: int = 1, pack: int = 1, exclude_from: int | None = None,
+            env: dict | None = None) -> dict:
+    """Runs verl's SFT trainer; steps from ``exclude_from`` on (a profiled step) are left out of the timing."""
     overrides = [
         f"trainer.n_gpus_per_node={gpus}", f"engine.ulysses_sequence_parallel_size={sp}", f"data.max_length={seq_len}",
         f"data.max_token_len_per_gpu={seq_len * pack}", f"data.train_batch_size={batch}", "data.micro_batch_size_per_gpu=1",
@@ -175,7 +187,8 @@ def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch
     print("$", " ".join(cmd), flush=True)
     times, tokens, losses = {}, {}, {}
     start = time.perf_counter()
-    with log.open("a") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+    with log.open("a") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                               env={**os.environ, **(env or {})}) as p:
         for line in p.stdout:
             fh.write(line)
             fh.flush()  # so that a profiler waiting for a step line sees it while training runs
@@ -189,7 +202,8 @@ def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch
     if p.returncode != 0:
         raise SystemExit(f"SFT failed with exit code {p.returncode}; log: {log}")
     ordered = sorted(times)
-    steady = ordered[1:] if len(ordered) > 2 else ordered  # the first step includes warm-up
+    timed = [s for s in ordered if exclude_from is None or s < exclude_from]
+    steady = timed[1:] if len(timed) > 2 else timed  # the first step includes warm-up
     dts = [times[s] - times[prev] for prev, s in zip(steady, steady[1:], strict=False)]
     toks = [tokens[s] for s in steady[1:]]
     return {"steps_logged": ordered, "wall_s": time.perf_counter() - start, "losses": losses,
@@ -213,6 +227,10 @@ def main() -> None:
     p.add_argument("--pack", type=int, default=1, help="sequences per micro-batch (needs retool_packed or flash_attention_2)")
     p.add_argument("--reference-only", action="store_true", help="only the plain-PyTorch reference step")
     p.add_argument("--extra", nargs="*", default=[], help="more verl overrides")
+    p.add_argument("--tag", default="", help="name of this variant (its log, checkpoint and summary file)")
+    p.add_argument("--profile", type=int, metavar="STEP", help="profile optimizer step STEP in the trainer "
+                   "(recipe/retool/dev/step_profiler.py; left out of the timing): GPU time by kernel family")
+    p.add_argument("--drop-checkpoint", action="store_true", help="delete the run's checkpoint at the end (disk)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,6 +255,15 @@ def main() -> None:
         from recipe.retool.attention import implementation_overrides
 
         extra += implementation_overrides("model", attn, new_key=True)
+    tag = f"{args.shape}-{args.seq_len}-{attn}-pack{args.pack}" + (f"-{args.tag}" if args.tag else "")
+    env = {}
+    if args.profile:
+        if args.profile >= args.steps:
+            p.error("--profile STEP must be below --steps (the last step also writes the checkpoint)")
+        libs = [o.split("=", 1)[1] for o in extra if o.startswith("model.external_lib=")] or [_configured_external_lib()]
+        extra = [o for o in extra if not o.startswith("model.external_lib=")]
+        extra.append(f"model.external_lib=[{libs[-1]},recipe.retool.dev.step_profiler]")
+        env = {"RETOOL_PROFILE_DIR": str(out / f"profile-{tag}"), "RETOOL_PROFILE_STEP": str(args.profile)}
     summary["overrides"] = extra
     summary["reference_tflops"] = {}
     for c in (() if args.skip_reference else (False, True)):
@@ -246,11 +273,13 @@ def main() -> None:
     if args.reference_only:
         print(json.dumps(summary, indent=2))
         return
-    tag = f"{args.shape}-{args.seq_len}-{attn}-pack{args.pack}"
     log = out / f"sft-{tag}.log"
     ckpt = out / f"ckpt-{tag}"
-    run = run_sft(model, data, ckpt, args.steps, args.seq_len, args.batch, log, extra, args.gpus, args.sp, args.pack)
+    run = run_sft(model, data, ckpt, args.steps, args.seq_len, args.batch, log, extra, args.gpus, args.sp, args.pack,
+                  exclude_from=args.profile, env=env)
     summary["run"] = run
+    if args.profile and (prof := out / f"profile-{tag}" / "profile-rank0.json").exists():
+        summary["profile"] = json.loads(prof.read_text())
     if run["tokens_per_s"]:
         # training FLOPs per token: 6·N for the matmuls + 12·layers·hidden·seq for causal attention (fwd+bwd)
         flops_per_token = 6 * n_params + 12 * layers * hidden * args.seq_len / 2
@@ -274,6 +303,8 @@ def main() -> None:
         m = AutoModelForCausalLM.from_pretrained(str(merged))
         summary["merged"] = {"path": str(merged), "params": sum(p.numel() for p in m.parameters()),
                              "matches": sum(p.numel() for p in m.parameters()) == n_params}
+    if args.drop_checkpoint:
+        shutil.rmtree(ckpt, ignore_errors=True)
     (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

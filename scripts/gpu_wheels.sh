@@ -26,11 +26,11 @@ split -b 30m /tmp/ray-dl/ray-*.whl /tmp/ray-dl/ray.part-
 mv /tmp/ray-dl/ray.part-aa .whl2/ && mv /tmp/ray-dl/ray.part-a[b-z] .whl3/
 du -sh .whl .whl2 .whl3
 # The GRPO loop (scripts/mini_grpo.py) also needs verl's transfer queue, the reward's math-verify,
-# the tool's aiohttp client and what our sandbox server and launcher use: .whl5/.
+# the tool's aiohttp client, what our sandbox server and launcher use, and liger-kernel (--extra model.use_liger=true): .whl5/.
 mkdir -p .whl5
 for pkg in transferqueue==0.1.11 prometheus_client math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
     aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl attrs httpx httpcore h11 anyio \
-    psutil idna certifi sniffio; do
+    psutil idna certifi sniffio liger-kernel==0.8.5; do
   "$PY" -m pip download -q "${plat[@]}" -d .whl5 "$pkg"
 done
 du -sh .whl5
