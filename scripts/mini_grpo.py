@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["sdpa", "retool_packed"], default="sdpa",
                    help="the actor's and reference's attention: the debug config's padded SDPA, or packed "
                         "remove-padding rows (default: %(default)s)")
+    p.add_argument("--extra", nargs="*", default=[], metavar="OVERRIDE",
+                   help="more verl overrides for both runs, e.g. actor_rollout_ref.model.use_fused_kernels=true")
     return p
 
 
@@ -210,6 +212,7 @@ def main() -> None:
     config_name = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
     config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
     overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32) + (packed_overrides() if args.attention == "retool_packed" else [])
+    overrides += args.extra
     progress("starting the sandbox server")
     sandbox = LocalSandbox(workers=2).wait()
     try:

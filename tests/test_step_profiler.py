@@ -51,3 +51,20 @@ def test_hook_profiles_the_named_optimizer_step(tmp_path):
     summary = json.loads((tmp_path / "p" / "profile-rank0.json").read_text())
     assert 0.2 <= summary["step_wall_s"] < 2.0
     assert "Self CPU" in (tmp_path / "p" / "profile-rank0.txt").read_text()
+
+
+def test_annotation_ranges_are_not_counted_as_kernels():
+    """A record_function range shows on the GPU timeline too; only kernels count as busy time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from recipe.retool.dev.step_profiler import _device_kernels
+
+    def evt(key, device, t):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=t, count=1)
+
+    prof = SimpleNamespace(key_averages=lambda: [
+        evt("micro_batch0", DeviceType.CPU, 0.0), evt("micro_batch0", DeviceType.CUDA, 900.0),
+        evt("flash_fwd_kernel", DeviceType.CUDA, 500.0), evt("aten::mm", DeviceType.CPU, 0.0)])
+    assert _device_kernels(prof) == [("flash_fwd_kernel", 500.0, 1)]

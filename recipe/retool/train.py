@@ -30,6 +30,7 @@ from pathlib import Path
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
 from recipe.retool.attention import resolve as resolve_attention
+from recipe.retool.kernels import resolve as resolve_kernels
 from recipe.retool.config_check import (
     EXTENSION_KEYS,
     data_problems,
@@ -361,10 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfg = compose(config_name, overrides, config_dir)
     attention, attention_overrides = resolve_attention(cfg, args.stage)
-    if attention_overrides:
-        overrides += attention_overrides
+    kernels, kernel_overrides = resolve_kernels(cfg, args.stage, user_overrides)
+    if attention_overrides or kernel_overrides:
+        overrides += attention_overrides + kernel_overrides
         cfg = compose(config_name, overrides, config_dir)
     attention_line = f"attention: {attention.implementation} ({attention.reason})"
+    if kernels.problem:
+        print(f"error: {kernels.describe()}: {kernels.problem}", file=sys.stderr)
+        return 2
     if attention.problem and not args.dry_run:
         print(f"error: {attention_line}: {attention.problem}", file=sys.stderr)
         return 2
@@ -373,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(f"# {attention_line}" + (f"\n# warning, a launch on this machine is refused: {attention.problem}"
                                        if attention.problem else ""))
+        print(f"# {kernels.describe()}")
         print("# resolved config")
         print(OmegaConf.to_yaml(cfg, resolve=True))
         if merge:
@@ -385,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"merging {merge.merge_from} → {merge.path}", flush=True)
         subprocess.run(merge.merge_command(), check=True)
     print(attention_line, flush=True)
+    print(kernels.describe(), flush=True)
     print(shlex.join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
 

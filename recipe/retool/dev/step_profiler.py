@@ -54,11 +54,18 @@ def summarize(kernels: list[tuple[str, float, int]], wall_s: float, top: int = 1
 
 
 def _device_kernels(prof) -> list[tuple[str, float, int]]:
+    """GPU kernels only: the profiler also lists each ``record_function`` range (verl's
+    ``micro_batch0``, ``Optimizer.step#AdamW.step``, …) on the GPU timeline, spanning the kernels
+    inside it; counting those too would count the same time twice."""
     from torch.autograd import DeviceType
 
+    events = list(prof.key_averages())
+    cpu_names = {e.key for e in events if getattr(e, "device_type", None) == DeviceType.CPU}
     out = []
-    for evt in prof.key_averages():
-        if getattr(evt, "device_type", None) != DeviceType.CUDA:
+    for evt in events:
+        if getattr(evt, "device_type", None) != DeviceType.CUDA or evt.key in cpu_names:
+            continue
+        if getattr(evt, "is_user_annotation", False):
             continue
         total = getattr(evt, "self_device_time_total", None)
         if total is None:
