@@ -227,6 +227,26 @@ def test_sandbox_uses_warm_preloaded_modules(sandbox_server):
     assert time.perf_counter() - t < 2.0  # a cold `import sympy` alone takes about this long
 
 
+def test_health_reports_where_request_time_goes(sandbox_server):
+    """The pool's statistics split each request's worker round trip into the worker's stages
+    (scripts/bench_sandbox.py prints them); the per-request timings stay out of the response."""
+    def stats() -> dict:
+        return httpx.get(sandbox_server.url + "/health").json()["stats"]
+
+    def delta(key: str) -> int:
+        return after.get(key, 0) - before.get(key, 0)
+
+    before = stats()
+    res = run(sandbox_server, "import time\ntime.sleep(0.25)\nprint('ok')")
+    after = stats()
+    assert res["run_result"]["stdout"] == "ok\n" and "worker_stages_us" not in res
+    assert delta("timed_requests") == 1
+    stages = {s: delta(f"stage_{s}_us_total") for s in ("prepare", "limits", "fork", "run", "run_end", "cleanup")}
+    assert 250_000 <= stages["run"] < 5_000_000  # the sleep runs inside the `run` stage
+    assert stages["fork"] > 0 and stages["prepare"] > 0 and stages["cleanup"] > 0
+    assert sum(stages.values()) <= delta("round_trip_us_total") < 5_000_000
+
+
 @pytest.mark.parametrize("code, lean", [
     ("print(1+1)", True),
     ("import math, itertools\nfrom collections import Counter\nprint(math.comb(5, 2))", True),

@@ -161,7 +161,7 @@ def test_server_parent_prepares_the_fronts_directory_once(tmp_path, monkeypatch)
     assert not stale.exists()
     (here / "cgroup.subtree_control").write_text("memory\n")  # what the kernel shows afterwards
     plans = [cgroup.prepare(name=f"{cgroup.PREFIX}{n}", parent=parent) for n in (101, 102)]
-    for plan, n in zip(plans, (101, 102)):
+    for plan, n in zip(plans, (101, 102), strict=True):
         base = here / f"{cgroup.PREFIX}{n}"
         assert plan.version == 2 and plan.dirs == {"unified": str(base)}
         assert (base / "cgroup.subtree_control").read_text() == "+memory"

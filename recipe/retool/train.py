@@ -30,7 +30,6 @@ from pathlib import Path
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
 from recipe.retool.attention import resolve as resolve_attention
-from recipe.retool.kernels import resolve as resolve_kernels
 from recipe.retool.config_check import (
     EXTENSION_KEYS,
     data_problems,
@@ -42,6 +41,7 @@ from recipe.retool.config_check import (
     reward_kwargs_problems,
     type_problems,
 )
+from recipe.retool.kernels import resolve as resolve_kernels
 
 STAGES = {
     "sft": ("retool_sft", ["-m", "verl.trainer.sft_trainer"]),

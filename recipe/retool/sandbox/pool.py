@@ -440,6 +440,7 @@ class WorkerPool:
         except NoWorker as exc:
             return _sandbox_error(str(exc))
         self.stats["queue_wait_ms_total"] += int((time.perf_counter() - queued) * 1000)
+        sent = time.perf_counter()
         try:
             resp = await worker.call(request, request["run_timeout"] + self.config.grace_s, abandoned)
         except WorkerDied as exc:
@@ -450,6 +451,7 @@ class WorkerPool:
         except asyncio.CancelledError:
             self._replace(worker, "a request was cancelled mid-run")  # its protocol is out of step now
             raise
+        self._count_stages(resp.pop("worker_stages_us", None) or {}, time.perf_counter() - sent)
         unhealthy = resp.pop("worker_unhealthy", None)
         if unhealthy:
             logger.error("worker %d unhealthy after a request (%s); replacing it", worker.slot, unhealthy)
@@ -461,6 +463,15 @@ class WorkerPool:
         self.stats[resp.get("status", "?")] += 1
         self.stats["requests"] += 1
         return resp
+
+    def _count_stages(self, stages_us: dict[str, int], round_trip_s: float) -> None:
+        """Totals (µs) of where requests spent their time, for /health: the worker's own stages
+        (worker.Stages) and the round trip to the worker, which also counts the pipes and this event loop."""
+        self.stats["timed_requests"] += 1
+        self.stats["round_trip_us_total"] += int(round_trip_s * 1e6)
+        for stage, us in stages_us.items():
+            if isinstance(us, int):
+                self.stats[f"stage_{stage}_us_total"] += us
 
     async def close(self) -> None:
         self._closed = True

@@ -20,8 +20,8 @@ A wrong guess costs only time: a module the lean child lacks is imported as by `
 Per request (manager): a fresh tmpfs at ``/sandbox`` (the work dir ``/sandbox/work``, the
 request's ``/tmp`` and ``/dev/shm``, its stdin), input files written while no process of the
 request exists yet → the slot's cgroup limits set → the zygote forks the child into a new pid
-namespace → the child joins the cgroup, takes new mount and ipc namespaces, drops privileges,
-applies rlimits and the seccomp filter and runs the code as ``__main__`` in the already-warm
+namespace (born in the slot's cgroup, where the zygote lives) → the child takes new mount and ipc
+namespaces, drops privileges, applies rlimits and the seccomp filter and runs the code as ``__main__`` in the already-warm
 interpreter → the manager collects capped output under a wall-clock deadline (or kills the run when
 the pool cancels it) → the child's exit ends its pid namespace, so every process it left is gone
 before anything else happens → ``fetch_files`` are read with the sandbox uid's rights, beneath the
@@ -123,7 +123,8 @@ _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+([\w.]+)|import[ \t]+([^\n#;]+))", re
 def stdlib_only(code: str, heavy: list[str]) -> bool:
     """Whether ``code`` can run in the lean zygote: every module its import statements name is in
     the standard library, and no heavy preload module is named anywhere (``__import__("sympy")``)."""
-    if heavy and re.search(r"\b(?:%s)\b" % "|".join(re.escape(m.split(".")[0]) for m in heavy), code):
+    names = "|".join(re.escape(m.split(".")[0]) for m in heavy)
+    if heavy and re.search(rf"\b(?:{names})\b", code):
         return False
     for match in _IMPORT.finditer(code):
         if match.group(1) is not None:
@@ -328,6 +329,25 @@ def _zygote(sock: socket.socket, cfg: dict[str, Any], caps: Capabilities) -> Non
         sock.send(json.dumps({"status": status, "cpu": ru.ru_utime + ru.ru_stime}).encode())
 
 
+class Stages:
+    """Where one request's time goes inside the worker, for the pool's statistics (``/health``):
+    ``prepare`` (the work area and input files), ``limits`` (the slot's cgroup limits), ``fork`` (the
+    zygote forks the child into its namespaces), ``run`` (the code runs, until its pid namespace is
+    gone), ``run_end`` (output budget, ``fetch_files``), ``cleanup`` (the work area detached)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._us: dict[str, int] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._us[stage] = self._us.get(stage, 0) + int((now - self._last) * 1e6)
+        self._last = now
+
+    def durations_us(self) -> dict[str, int]:
+        return dict(self._us)
+
+
 # ----------------------------------------------------------------------------------------------
 # the manager: handles the requests' data, never forks from it
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +395,7 @@ class Manager:
         self.cfg = cfg
         self.caps = caps
         self.cgroup = cgroup
+        self.stages = Stages()
         self.full, self.lean, self.heavy = full, lean, heavy
         self.proto_in = proto_in
         self.runs = 0
@@ -469,6 +490,7 @@ class Manager:
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         if not req.get("probe"):  # the pool's start-up probe does not count towards recycling
             self.runs += 1
+        self.stages = Stages()
         try:
             self._prepare(req)
         except Unhealthy:
@@ -476,10 +498,13 @@ class Manager:
         except (ValueError, OSError, UnicodeError) as exc:
             self._cleanup()
             return {"status": "SandboxError", "message": f"cannot write input files: {exc}"}
+        self.stages.mark("prepare")
         try:
             return self._run(req)
         finally:
+            self.stages.mark("run_end")
             self._cleanup()
+            self.stages.mark("cleanup")
 
     def _run(self, req: dict[str, Any]) -> dict[str, Any]:
         zygote = self._zygote_for(req["code"])
@@ -493,6 +518,7 @@ class Manager:
                 oom_before = self.cgroup.oom_kills()
             except OSError as exc:
                 raise Unhealthy(f"cannot set the request's cgroup limits: {exc}") from exc
+        self.stages.mark("limits")
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
@@ -513,9 +539,11 @@ class Manager:
             for fd in (out_r, err_r, st_r):
                 os.close(fd)
             return {"status": "SandboxError", "message": f"cannot start the run: {reply.get('error')}"}
+        self.stages.mark("fork")
         deadline = start + float(req["run_timeout"])
         stdout, stderr, ended, why = self._collect(zygote, reply["pid"], out_r, err_r, deadline, req.get("id"))
         elapsed = time.perf_counter() - start
+        self.stages.mark("run")
         os.set_blocking(st_r, False)
         try:
             setup_error = os.read(st_r, 65536).decode("utf-8", "replace")
@@ -817,6 +845,7 @@ def main() -> None:
             resp = {"status": "SandboxError", "message": f"worker error: {unhealthy}"}
         if unhealthy:
             resp["worker_unhealthy"] = unhealthy
+        resp["worker_stages_us"] = manager.stages.durations_us()
         send(proto_out, resp)
         if unhealthy or manager.runs >= cfg["recycle_after"]:
             break
