@@ -1,20 +1,24 @@
-"""Loss curves of two attention paths through verl's SFT trainer, on the same data and seed.
+"""Loss curves of two training paths through verl's SFT trainer, on the same data and seed.
 
-    python scripts/attention_loss_curves.py --out OUT [--device cpu|gpu] [--steps 300] [--dtype fp32|bf16] [--tol T]
+    python scripts/attention_loss_curves.py --out OUT [--candidate packed|fused] [--device cpu|gpu] [--steps 300]
+                                            [--dtype fp32|bf16] [--tol T]
 
 Runs ``python -m recipe.retool.train sft`` three times with the miniature's SFT config
 (``recipe/retool/dev/config/mini_sft[_gpu].yaml``): once as configured (SDPA over padded
-micro-batches), once through ``retool_packed`` over verl's remove-padding rows (the
-micro-batch's sequences concatenated in one row, attended within each sequence), and once as
+micro-batches, verl's log-probs from the full logits), once through the candidate path, and once as
 configured with the learning rate moved by 1e-4 (relative): the noise floor, how far two runs drift
-apart from a rounding-sized change alone. Prints the losses
-side by side, how many leading steps agree to rounding, the mean losses over windows of steps,
-and writes OUT/summary.json; exits 1 when the first step already differs or a window's mean
-differs by more than the noise floor's largest window difference (or ``--tol``, if larger).
+apart from a rounding-sized change alone. The candidates:
 
-On CPU the packed path runs SDPA once per sequence, so the comparison covers verl's packing and our
-sequence boundaries (fp32: the curves should agree to rounding); on a GPU it also covers PyTorch's
-varlen flash-attention kernel against SDPA's (bf16: allow more).
+- ``packed``: ``retool_packed`` over verl's remove-padding rows (the micro-batch's sequences
+  concatenated in one row, attended within each sequence). On CPU the packed path runs SDPA once per
+  sequence, so the comparison covers verl's packing and our sequence boundaries (fp32: the curves
+  should agree to rounding); on a GPU it also covers PyTorch's varlen flash-attention kernel.
+- ``fused``: verl's fused log-prob kernel, which never builds the logits (``retool.kernels``): its
+  torch backend on CPU, and on a GPU its Triton backend plus Liger's kernels, as ``auto`` sets them.
+
+Prints the losses side by side, how many leading steps agree to rounding, the mean losses over
+windows of steps, and writes OUT/summary.json; exits 1 when the first step already differs or a
+window's mean differs by more than the noise floor's largest window difference (or ``--tol``, if larger).
 
 Without ``--model`` / ``--data`` it builds the miniature's task data (seeded, ReTool-SFT format,
 through the recipe's converters and prefilter) and a random-init model of the miniature's shape.
@@ -37,6 +41,17 @@ from recipe.retool.attention import implementation_overrides  # noqa: E402
 
 # the packed path: one row of concatenated sequences per micro-batch, our attention over it
 PACKED = ["model.use_remove_padding=true", *implementation_overrides("model", "retool_packed", new_key=False)]
+
+
+def _fused(device: str) -> list[str]:
+    """verl's fused log-prob kernel (the logits are never built): Triton and Liger on a GPU, as
+    retool.kernels=auto sets them there; the same maths in torch on CPU."""
+    if device == "gpu":
+        return ["model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=triton", "model.use_liger=true"]
+    return ["model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=torch"]
+
+
+CANDIDATES = {"packed": lambda device: PACKED, "fused": _fused}
 
 
 def sft_losses(model: Path, data_dir: Path, out: Path, name: str, config: Path, steps: int,
@@ -100,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="relative difference of windowed mean losses always allowed; more is allowed up to the noise floor's (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="FSDP compute dtype of both runs (default: fp32 on cpu, bf16 on gpu; verl's default is bf16)")
+    p.add_argument("--candidate", choices=sorted(CANDIDATES), default="packed",
+                   help="the path compared with padded SDPA: packed = retool_packed over remove-padding rows; "
+                        "fused = verl's fused log-prob kernel (torch backend on cpu; on gpu Triton, plus Liger: what "
+                        "retool.kernels=auto turns on) (default: %(default)s)")
     p.add_argument("--model", type=Path, help="model directory (default: a random-init model of the miniature's shape)")
     p.add_argument("--data", type=Path, help="data directory holding sft/train.parquet (default: the miniature's task)")
     args = p.parse_args(argv)
@@ -122,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     lr = float(compose(config_name, [], config_dir).optim.lr)
     # the noise floor: the baseline again with the learning rate moved by 1e-4 (relative), a change
     # of the same kind as rounding; its distance from the baseline is what chaos alone gives
-    plans = [("padded_sdpa", []), ("packed", PACKED), ("padded_sdpa_lr_nudged", [f"optim.lr={lr * (1 + 1e-4)!r}"])]
+    cand = args.candidate
+    plans = [("padded_sdpa", []), (cand, CANDIDATES[cand](args.device)),
+             ("padded_sdpa_lr_nudged", [f"optim.lr={lr * (1 + 1e-4)!r}"])]
     runs: dict[str, dict[int, float]] = {}
     seconds: dict[str, float] = {}
     for name, extra in plans:
@@ -131,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = sft_losses(model, data, out, name, config, args.steps, [*common, *extra])
         seconds[name] = round(time.time() - t0, 1)
         print(f"[{name}] done in {seconds[name]:.0f}s: loss {runs[name][1]:.4f} → {runs[name][args.steps]:.4f}", flush=True)
-    stats = compare(runs["padded_sdpa"], runs["packed"], args.window)
+    stats = compare(runs["padded_sdpa"], runs[cand], args.window)
     noise = compare(runs["padded_sdpa"], runs["padded_sdpa_lr_nudged"], args.window)
-    print("\n| step | padded SDPA | packed | rel. diff |\n|---|---|---|---|")
+    print(f"\n| step | padded SDPA | {cand} | rel. diff |\n|---|---|---|---|")
     shown = sorted({1, stats["steps_same"], *range(max(1, args.steps // 10), args.steps + 1, max(1, args.steps // 10)), args.steps})
     for s in (s for s in shown if s in runs["padded_sdpa"]):
-        a, b = runs["padded_sdpa"][s], runs["packed"][s]
+        a, b = runs["padded_sdpa"][s], runs[cand][s]
         print(f"| {s} | {a:.5f} | {b:.5f} | {abs(a - b) / max(abs(a), 1e-12):.1e} |")
-    print("\n| steps | mean loss, padded SDPA | packed | rel. diff | padded, lr × (1 + 1e-4) | rel. diff (noise floor) |"
+    print(f"\n| steps | mean loss, padded SDPA | {cand} | rel. diff | padded, lr × (1 + 1e-4) | rel. diff (noise floor) |"
           "\n|---|---|---|---|---|---|")
     for w, n in zip(stats["windows"], noise["windows"], strict=True):
         print(f"| {w['steps']} | {w['a']:.4f} | {w['b']:.4f} | {w['rel_diff']:.1e} | {n['b']:.4f} | {n['rel_diff']:.1e} |")
@@ -146,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
           f"up to {stats['max_rel_diff']:.1e} (step {stats['worst_step']}); windowed means by up to "
           f"{stats['max_window_rel_diff']:.1e} (tolerance {tol:g}); the nudged baseline agrees for "
           f"{noise['steps_same']} steps and its windowed means differ by up to {noise['max_window_rel_diff']:.1e}")
-    summary = {"device": args.device, "dtype": dtype, "steps": args.steps, "seed": args.seed, "tolerance": tol, "seconds": seconds,
+    summary = {"device": args.device, "dtype": dtype, "candidate": cand, "steps": args.steps, "seed": args.seed, "tolerance": tol, "seconds": seconds,
                **stats, "noise_floor": noise, "losses": {k: {str(s): v for s, v in r.items()} for k, r in runs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    # packing must move the curve no further than a rounding-sized change does (or than --tol)
+    # the candidate must move the curve no further than a rounding-sized change does (or than --tol)
     ok = stats["steps_same"] >= 1 and stats["max_window_rel_diff"] <= max(tol, noise["max_window_rel_diff"])
     print("agree" if ok else "DISAGREE", flush=True)
     return 0 if ok else 1

@@ -102,9 +102,10 @@ def test_verl_workers_get_it_through_the_recipes_external_lib():
 
 
 @pytest.mark.slow
-def test_verl_sft_trainer_packed_matches_padded_sdpa(tiny_model_dir, sample_data, tmp_path):
-    """verl's SFT trainer (CPU platform): packed micro-batches through ``retool_packed`` give the same
-    per-step losses as padded SDPA batches (scripts/attention_loss_curves.py, three steps here)."""
+def test_verl_sft_trainer_packed_and_fused_match_padded_sdpa(tiny_model_dir, sample_data, tmp_path):
+    """verl's SFT trainer (CPU platform): packed micro-batches through ``retool_packed``, and verl's
+    fused log-prob path (retool.kernels; torch backend here), give the same per-step losses as padded
+    SDPA batches with full logits (scripts/attention_loss_curves.py, three steps here)."""
     import importlib.util
 
     from recipe.retool import PACKAGE_DIR
@@ -121,3 +122,7 @@ def test_verl_sft_trainer_packed_matches_padded_sdpa(tiny_model_dir, sample_data
     for step in padded:
         assert packed[step] == pytest.approx(padded[step], rel=1e-4), (padded, packed)
     assert curves.compare(padded, packed)["max_rel_diff"] < 1e-4
+    fused = curves.sft_losses(tiny_model_dir, data_dir, tmp_path, "fused", config, 3, curves.CANDIDATES["fused"]("cpu"),
+                              timeout=900)
+    assert "Using Torch backend for fused kernels" in (tmp_path / "fused.log").read_text()  # verl patched the forward
+    assert curves.compare(padded, fused)["max_rel_diff"] < 1e-4
