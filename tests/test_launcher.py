@@ -335,6 +335,9 @@ def test_a_cloud_run_the_trainer_would_refuse_stops_before_any_image_is_built(tm
     assert problem.startswith("sft (retool_sft with sft.overrides)") and "Ulysses sequence parallelism 4" in problem
     assert "engine.ulysses_sequence_parallel_size=1" in problem
     assert attention_problems(load_experiment(None, ["sft.overrides=[]", "image.flash_attn_wheel=https://example.org/fa.whl"])) == []
+    # a misspelt retool.kernels value would stop the cloud run at its first stage
+    [problem] = attention_problems(load_experiment(None, ["grpo.overrides=[retool.kernels=fast]"]))
+    assert problem.startswith("grpo (retool_grpo_template)") and "expected one of auto, off" in problem
     proc = subprocess.run([sys.executable, "-m", "recipe.retool.launcher", "--dry-run", "sft.overrides=[]"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "would be refused at launch" in proc.stderr and not proc.stdout

@@ -478,10 +478,13 @@ def smoke_experiment(exp: Experiment) -> Experiment:
 
 
 def attention_problems(exp: Experiment) -> list[str]:
-    """What ``retool.attention`` would refuse in the cloud (recipe/retool/attention.py), found here
-    before any image is built: the image has CUDA and PyTorch's packed attention, and flash-attn only
-    with ``image.flash_attn_wheel``. The train functions' own launch check stays the final word."""
+    """What ``retool.attention`` (recipe/retool/attention.py) or ``retool.kernels`` would refuse in the
+    cloud, found here before any image is built: the image has CUDA, Triton, liger-kernel and PyTorch's
+    packed attention, and flash-attn only with ``image.flash_attn_wheel``. The train functions' own
+    launch check stays the final word."""
     from recipe.retool.attention import Environment, resolve
+    from recipe.retool.kernels import KernelEnvironment
+    from recipe.retool.kernels import resolve as resolve_kernels
     from recipe.retool.train import compose, path_overrides, split_config_arg
 
     image = Environment(flash_attn=bool(exp.image.flash_attn_wheel), cuda=True, varlen=True)
@@ -495,6 +498,9 @@ def attention_problems(exp: Experiment) -> list[str]:
             problems.append(f"{stage} ({section.config} with {stage}.overrides): {choice.problem}; with "
                             "image.flash_attn_wheel unset, add engine.ulysses_sequence_parallel_size=1 to sft.overrides"
                             if stage == "sft" else f"{stage} ({section.config}): {choice.problem}")
+        kernels, _ = resolve_kernels(cfg, stage, env=KernelEnvironment(cuda=True, triton=True, liger=True))
+        if kernels.problem:
+            problems.append(f"{stage} ({section.config}): {kernels.problem}")
     return problems
 
 
