@@ -681,6 +681,20 @@ def test_server_refuses_to_start_without_a_required_token():
     assert proc.returncode != 0 and "RETOOL_SANDBOX_TOKEN" in proc.stderr
 
 
+def test_server_refuses_a_python_installation_that_runs_could_not_see(monkeypatch, caplog):
+    """A virtual environment under /tmp: every run gets its own /tmp, so sandboxed code could not import
+    the installation's modules (sympy, numpy). The server says so and does not start."""
+    from recipe.retool.sandbox import isolation
+    from recipe.retool.sandbox.server import main
+
+    assert isolation.python_paths_hidden_per_run(["/usr/lib/python3.11", "/tmp/venv/lib/python3.11/site-packages",
+                                                  "/dev/shm/py", "/tmpdir/py"]) == [
+        ("/tmp/venv/lib/python3.11/site-packages", "/tmp"), ("/dev/shm/py", "/dev/shm")]
+    monkeypatch.setattr(isolation, "python_paths", lambda: ["/usr", "/tmp/venv/lib/python3.11/site-packages"])
+    assert main(["serve", "--port", "0"]) == 2
+    assert "/tmp/venv/lib/python3.11/site-packages lies under /tmp" in caplog.text
+
+
 # -- a server without root (user-namespace mode) ----------------------------------------------
 
 

@@ -349,6 +349,15 @@ def build_root(caps: Capabilities, expose: list[str], mount_points: list[str]) -
             pass
 
 
+PER_RUN_DIRS = ("/sandbox", "/tmp", "/dev/shm")  # each run gets fresh ones of its own, over the root's
+
+
+def python_paths_hidden_per_run(paths: list[str] | None = None) -> list[tuple[str, str]]:
+    """(path, directory) for each Python installation directory under a directory that every run
+    replaces with its own: code run there would not see that installation (its modules fail to import)."""
+    return [(p, d) for p in (python_paths() if paths is None else paths) for d in PER_RUN_DIRS if _under(p, d)]
+
+
 def python_paths() -> list[str]:
     """Directories of the Python installation that the allowlisted root exposes (read-only)."""
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}

@@ -39,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from recipe.retool.sandbox import isolation
 from recipe.retool.sandbox.api import RunCodeRequest, RunCodeResponse
 from recipe.retool.sandbox.pool import Abandoned, QueueFull, SandboxConfig, WorkerPool
 
@@ -337,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     config = _config_from_args(args)
     if args.cmd == "check":
         return _check(config)
+    hidden = isolation.python_paths_hidden_per_run() if config.isolate else []
+    if hidden:
+        path, under = hidden[0]
+        logger.error("the Python installation at %s lies under %s, which every sandboxed run replaces with a "
+                     "fresh one of its own, so runs could not import its modules: install Python (or the "
+                     "virtual environment) elsewhere", path, under)
+        return 2
     token = os.environ.get(TOKEN_ENV) or None
     if args.require_token and not token:
         logger.error("--require-token: set %s in the server's environment", TOKEN_ENV)

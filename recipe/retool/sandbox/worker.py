@@ -802,7 +802,7 @@ def main() -> None:
             os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
     if cfg["isolate"]:
-        isolation.build_root(caps, isolation.python_paths(), ["/sandbox", "/tmp", "/dev/shm"])
+        isolation.build_root(caps, isolation.python_paths(), list(isolation.PER_RUN_DIRS))
         caps.uid_drop = caps.root
         try:
             seccomp.compile_filter()  # once, before the zygote is forked
