@@ -1,6 +1,7 @@
 """Miniature GRPO, end to end: verl's real ``main_ppo`` with our template, tool, sandbox and reward.
 
     python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps N] [--attention sdpa|retool_packed]
+                                [--shape tiny|0.5b|1.5b|3b|7b] [--skip-resume] [--extra OVERRIDE ...]
 
 1. builds a tiny random-init Qwen2 model with the offline dev tokenizer, then teaches it by
    teacher forcing (``--teach-steps`` Adam steps on the RL prompts) to open its answer with a
@@ -14,6 +15,13 @@
 5. prints a JSON summary (also OUT/summary.json): per-step time and where it goes (generation vs
    log-prob/ref/update/weight sync), score, turns, how far the rollout's log-probs are from the
    actor's, the code runs our sandbox served, and the resumed step.
+
+``--shape 1.5b`` (GPU only) trains a random-init model of a Qwen2.5 shape (full 152k vocabulary, as
+``scripts/gpu_sft_proof.py`` builds it) instead of the tiny one: with ``--no-teach`` its rollouts
+are random tokens up to ``data.max_response_length``, which makes fixed-size batches for timing the
+actor's phases (``old_log_prob``, ``ref``, ``update_actor``) under different kernels; the summary's
+``phases`` are their means over the steps after the first. ``--skip-resume`` runs only the first
+run, without a checkpoint.
 
 Progress goes to the console as it happens (each stage, the teaching loss, every GRPO step with
 its time and score); verl's full output goes to OUT/run1.log and OUT/run2.log. Exits non-zero if a
@@ -35,6 +43,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_sft_proof import SHAPES, build_model  # noqa: E402
 
 REPLY = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
 KEYS = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref", "timing_s/update_actor",
@@ -163,14 +174,25 @@ def packed_overrides() -> list[str]:
 
 
 def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict,
-             label: str, overrides: list[str]) -> float:
+             label: str, overrides: list[str], save: bool = True) -> float:
     cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(model), str(data), str(ckpt), "mini",
-           "--config", config, f"trainer.total_training_steps={total_steps}", f"trainer.save_freq={total_steps}",
-           *overrides]
+           "--config", config, f"trainer.total_training_steps={total_steps}",
+           f"trainer.save_freq={total_steps if save else -1}", *overrides]
     rc, seconds = run_logged(cmd, log, env, label, total_steps)
     if rc != 0:
         sys.exit(f"GRPO run failed (exit {rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
     return seconds
+
+
+PHASES = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref", "timing_s/update_actor"]
+
+
+def phase_means(steps: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Mean time of each phase over the steps after the first (start-up, compilation and allocator
+    warm-up land in step 1), or over step 1 alone when it is the only one."""
+    timed = [m for n, m in sorted(steps.items()) if n > 1] or list(steps.values())
+    return {k.removeprefix("timing_s/"): round(sum(m[k] for m in timed) / len(timed), 3)
+            for k in PHASES if timed and all(k in m for m in timed)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["sdpa", "retool_packed"], default="sdpa",
                    help="the actor's and reference's attention: the debug config's padded SDPA, or packed "
                         "remove-padding rows (default: %(default)s)")
+    p.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny",
+                   help="tiny: the 2-layer test model; else a random-init Qwen2.5 shape with the full vocabulary "
+                        "(GPU only; pair it with --no-teach) (default: %(default)s)")
+    p.add_argument("--skip-resume", action="store_true", help="only the first run, no checkpoint")
     p.add_argument("--extra", nargs="*", default=[], metavar="OVERRIDE",
                    help="more verl overrides for both runs, e.g. actor_rollout_ref.model.use_fused_kernels=true")
     return p
@@ -198,13 +224,20 @@ def main() -> None:
     from recipe.retool.dev.tokenizer import build_dev_tokenizer, save_tiny_qwen2
     from recipe.retool.sandbox.local import LocalSandbox
 
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.shape != "tiny" and args.device != "gpu":
+        parser.error(f"--shape {args.shape} needs --device gpu")
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"device": args.device, "attention": args.attention}
-    progress(f"building a tiny model and the sample data under {out}")
-    model = save_tiny_qwen2(out / "model", build_dev_tokenizer())
+    summary: dict = {"device": args.device, "attention": args.attention, "shape": args.shape}
+    progress(f"building a {args.shape} model and the sample data under {out}")
+    if args.shape == "tiny":
+        model = save_tiny_qwen2(out / "model", build_dev_tokenizer())
+    else:  # reused by later runs into the same OUT: same weights for a side-by-side
+        model, n_params, _ = build_model(out / f"model-{args.shape}", args.shape)
+        summary["parameters"] = n_params
     data = prepare_all(out / "data", SAMPLE_SOURCES)
     if not args.no_teach:
         summary["teach"] = teach_tool_call(model, data["rl"], args.teach_steps, "cuda" if args.device == "gpu" else "cpu")
@@ -222,28 +255,34 @@ def main() -> None:
         if ckpt.exists():  # an earlier run's checkpoints would be resumed instead of trained
             progress(f"removing the earlier run's checkpoints in {ckpt}")
             shutil.rmtree(ckpt)
-        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1", overrides)
-        runs_mid = code_runs(sandbox.url)
-        wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env,
-                         "run 2 (resumes from the checkpoint)", overrides)
-        runs_after = code_runs(sandbox.url)
+        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1", overrides,
+                         save=not args.skip_resume)
+        runs_mid = runs_after = code_runs(sandbox.url)
+        if not args.skip_resume:
+            wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env,
+                             "run 2 (resumes from the checkpoint)", overrides)
+            runs_after = code_runs(sandbox.url)
     finally:
         sandbox.stop()
 
-    log1, log2 = (out / "run1.log").read_text(), (out / "run2.log").read_text()
-    first, second = parse_steps(log1), parse_steps(log2)
+    log1 = (out / "run1.log").read_text()
+    first = parse_steps(log1)
     ckpt_dirs = sorted(p.name for p in (ckpt / "grpo-experiments" / "mini").glob("global_step_*"))
     summary.update({
         "config": config_name, "overrides": overrides,
         "run1": {"wall_s": round(wall1, 1), "steps": first, "rollout_server": rollout_costs(log1),
                  "sandbox_code_runs": runs_mid - runs_before},
-        "run2_resumed": {"wall_s": round(wall2, 1), "steps": second, "rollout_server": rollout_costs(log2),
-                         "sandbox_code_runs": runs_after - runs_mid},
+        "phases": phase_means(first),
         "checkpoints": ckpt_dirs,
     })
+    if not args.skip_resume:
+        log2 = (out / "run2.log").read_text()
+        summary["run2_resumed"] = {"wall_s": round(wall2, 1), "steps": parse_steps(log2),
+                                   "rollout_server": rollout_costs(log2), "sandbox_code_runs": runs_after - runs_mid}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    expected_first, resumed = list(range(1, args.steps + 1)), sorted(second)
+    expected_first = list(range(1, args.steps + 1))
+    resumed = sorted(summary["run2_resumed"]["steps"]) if not args.skip_resume else [args.steps + 1]
     if sorted(first) != expected_first or resumed != [args.steps + 1]:
         sys.exit(f"expected steps {expected_first} then a resumed step {args.steps + 1}; got {sorted(first)} / {resumed}")
 

@@ -72,3 +72,23 @@ def test_each_training_step_is_reported_while_the_run_goes_on(tmp_path, capsys):
     assert "run 1: step 1/2 done after" in out and "score mean -0.910" in out
     assert "run 1: step 2/2 done after" in out and "score mean -0.920" in out
     assert "Ray started" in (tmp_path / "run.log").read_text() and "Ray started" not in out
+
+
+def test_phase_means_leave_the_warm_up_step_out():
+    mini = _load_script()
+    steps = {1: {"timing_s/step": 30.0, "timing_s/gen": 20.0, "timing_s/old_log_prob": 4.0, "timing_s/ref": 1.0,
+                 "timing_s/update_actor": 5.0},
+             2: {"timing_s/step": 10.0, "timing_s/gen": 6.0, "timing_s/old_log_prob": 1.0, "timing_s/ref": 0.5,
+                 "timing_s/update_actor": 2.0},
+             3: {"timing_s/step": 12.0, "timing_s/gen": 7.0, "timing_s/old_log_prob": 2.0, "timing_s/ref": 0.5,
+                 "timing_s/update_actor": 2.5}}
+    assert mini.phase_means(steps) == {"step": 11.0, "gen": 6.5, "old_log_prob": 1.5, "ref": 0.5, "update_actor": 2.25}
+    assert mini.phase_means({1: steps[1]})["update_actor"] == 5.0  # a single step stands for itself
+    assert mini.phase_means({}) == {}
+
+
+def test_a_full_size_model_needs_the_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/mini_grpo.py", "--out", str(tmp_path), "--shape", "1.5b"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--shape 1.5b needs --device gpu" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was built

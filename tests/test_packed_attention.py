@@ -70,6 +70,58 @@ def test_batches_without_packing_are_causal_per_row(tiny_model_dir):
     torch.testing.assert_close(packed(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def _qkv(length: int, heads: int = 6, kv_heads: int = 2, dim: int = 16):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(1, h, length, dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+
+
+def test_single_sequence_sdpa_path_matches_the_reference_in_values_and_gradients():
+    """The path a one-sequence pack takes on a GPU (SDPA, cuDNN first): grouped-query heads repeated
+    correctly, causal, the (1, len, heads, dim) layout transformers expects back."""
+    q, k, v = _qkv(37)
+    out = packed_attention._one_sequence_sdpa(q, k, v, 0.3)
+    ref = packed_attention._per_sequence_sdpa(*(t[0].transpose(0, 1) for t in (q, k, v)), torch.tensor([0, 37]), 0.3)
+    assert out.shape == (1, 37, 6, 16)
+    torch.testing.assert_close(out[0], ref)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    # and a wrong head mapping would show: key/value heads tiled instead of repeated per group
+    tiled = packed_attention.F.scaled_dot_product_attention(q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1), is_causal=True, scale=0.3)
+    assert not torch.allclose(out, tiled.transpose(1, 2), atol=1e-3)
+
+
+@pytest.mark.parametrize(("lengths", "env", "expected"), [
+    ([12], None, "one_sequence"), ([12], "1", "one_sequence"), ([12], "0", "varlen"), ([5, 7], None, "varlen"),
+])
+def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, expected):
+    """On CUDA: a one-sequence pack goes to SDPA (cuDNN first) unless RETOOL_PACKED_CUDNN=0; packs of
+    several sequences go to the varlen kernel. The kernels are replaced by the CPU reference here."""
+    calls = []
+    one, per = packed_attention._one_sequence_sdpa, packed_attention._per_sequence_sdpa
+    monkeypatch.setattr(packed_attention, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(packed_attention, "varlen_attn", object())
+    monkeypatch.setattr(packed_attention, "_one_sequence_sdpa", lambda *a: calls.append("one_sequence") or one(*a))
+    monkeypatch.setattr(packed_attention, "_varlen", lambda q, k, v, cu, m, s: calls.append("varlen") or per(q, k, v, cu, s))
+    if env is None:
+        monkeypatch.delenv(packed_attention.CUDNN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(packed_attention.CUDNN_ENV, env)
+    q, k, v = _qkv(sum(lengths))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    out, _ = packed_attention_forward(None, q, k, v, None, scaling=0.25, position_ids=pos)
+    assert calls == [expected]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    torch.testing.assert_close(out[0], per(*(t[0].transpose(0, 1) for t in (q, k, v)), bounds, 0.25))
+
+
+def test_a_bad_cudnn_switch_is_refused(monkeypatch):
+    monkeypatch.setenv(packed_attention.CUDNN_ENV, "maybe")
+    with pytest.raises(ValueError, match="RETOOL_PACKED_CUDNN='maybe'"):
+        packed_attention.cudnn_for_single_sequences()
+
+
 def test_unsupported_inputs_fail_with_a_reason():
     q = torch.zeros(1, 4, 6, 8)
     with pytest.raises(ValueError, match="unpadded input"):

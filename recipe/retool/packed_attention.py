@@ -12,6 +12,12 @@ packed flash attention, ``torch.nn.attention.varlen.varlen_attn`` (PyTorch >= 2.
 where that kernel does not exist, it runs SDPA once per sequence: the reference the tests compare
 the packing against.
 
+A pack that holds a single sequence (long-context SFT: one 16k conversation per micro-batch) has no
+boundaries to respect, so it goes to SDPA with cuDNN's attention kernel first in line (then SDPA's
+flash kernel, if cuDNN declines the shapes): on an H100 cuDNN's causal kernel runs about 1.8x
+PyTorch's varlen flash kernel at 16k (``scripts/bench_attention.py``). ``RETOOL_PACKED_CUDNN=0`` in
+the trainer's environment keeps every pack on the varlen kernel.
+
 ``retool.attention: auto`` (:mod:`recipe.retool.attention`) selects it on CUDA machines without
 flash-attn at Ulysses size 1, through ``model.external_lib=recipe.retool.packed_attention`` (which
 also loads ``recipe.retool.verl_perf``, the recipe's default external lib) and
@@ -24,6 +30,7 @@ batches with an attention mask, sliding windows, attention dropout.
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,7 @@ except ImportError:  # pragma: no cover - older torch: CPU reference path only
     varlen_attn = None
 
 _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
+CUDNN_ENV = "RETOOL_PACKED_CUDNN"  # "0": single-sequence packs take the varlen kernel too
 
 
 def sequence_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -101,6 +109,33 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def cudnn_for_single_sequences() -> bool:
+    """Whether a pack of one sequence goes to SDPA with cuDNN first (``RETOOL_PACKED_CUDNN``, default on)."""
+    value = os.environ.get(CUDNN_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"{CUDNN_ENV}={value!r}: expected 1 (cuDNN for single-sequence packs, the default) or 0")
+    return value in ("1", "true", "on")
+
+
+def _one_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       scale: float | None) -> torch.Tensor:
+    """(1, heads, len, dim) in, (1, len, heads, dim) out: one causal sequence through SDPA, cuDNN's
+    kernel first, then flash. Grouped-query heads are repeated: SDPA's ``enable_gqa`` is not among
+    cuDNN's supported inputs, and the copy (2 x len x heads x dim) is small next to the kernel's time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+    return out.transpose(1, 2)
+
+
 def _per_sequence_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                        scale: float | None) -> torch.Tensor:
     """(tokens, heads, dim) reference: SDPA over each sequence on its own."""
@@ -131,9 +166,12 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return o.transpose(1, 2).contiguous(), None
     if position_ids.dim() == 3:  # multimodal rope (3, 1, len): the text position is the first row
         position_ids = position_ids[0]
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     cu, max_len = _boundaries_cached(position_ids)
-    if q.is_cuda and varlen_attn is not None:
+    gpu = _on_gpu(query)
+    if gpu and cu.numel() == 2 and length > 1 and cudnn_for_single_sequences():
+        return _one_sequence_sdpa(query, key, value, scaling), None
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    if gpu and varlen_attn is not None:
         out = _varlen(q, k, v, cu.to(q.device), max_len, scaling)
     else:
         out = _per_sequence_sdpa(q, k, v, cu, scaling)
