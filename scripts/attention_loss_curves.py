@@ -46,8 +46,9 @@ PACKED = ["model.use_remove_padding=true", *implementation_overrides("model", "r
 def _fused(device: str) -> list[str]:
     """verl's fused log-prob kernel (the logits are never built): Triton and Liger on a GPU, as
     retool.kernels=auto sets them there; the same maths in torch on CPU."""
-    if device == "gpu":
-        return ["model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=triton", "model.use_liger=true"]
+    if device == "gpu":  # over packed rows, as the recipe runs on CUDA (retool.attention=auto picks retool_packed)
+        return [*PACKED, "model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=triton",
+                "model.use_liger=true"]
     return ["model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=torch"]
 
 
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tol = args.tol
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
-    common = [f"+engine.mixed_precision.param_dtype={dtype}"]
+    # retool.kernels=off: the baseline keeps verl's defaults on a GPU too (auto would turn the fused
+    # kernels on in every run); the candidate sets its own switches
+    common = [f"+engine.mixed_precision.param_dtype={dtype}", "retool.kernels=off"]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     from recipe.retool import PACKAGE_DIR

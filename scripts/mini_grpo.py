@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny",
                    help="tiny: the 2-layer test model; else a random-init Qwen2.5 shape with the full vocabulary "
                         "(GPU only; pair it with --no-teach) (default: %(default)s)")
+    p.add_argument("--sandbox-url", help="use this running sandbox server (e.g. one started by "
+                   "scripts/with_sandbox_cgroup.sh) instead of starting one")
     p.add_argument("--skip-resume", action="store_true", help="only the first run, no checkpoint")
     p.add_argument("--extra", nargs="*", default=[], metavar="OVERRIDE",
                    help="more verl overrides for both runs, e.g. actor_rollout_ref.model.use_fused_kernels=true")
@@ -246,24 +248,29 @@ def main() -> None:
     config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
     overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32) + (packed_overrides() if args.attention == "retool_packed" else [])
     overrides += args.extra
-    progress("starting the sandbox server")
-    sandbox = LocalSandbox(workers=2).wait()
+    if args.sandbox_url:
+        sandbox_url, sandbox = args.sandbox_url.rstrip("/"), None
+    else:
+        progress("starting the sandbox server")
+        sandbox = LocalSandbox(workers=2).wait()
+        sandbox_url = sandbox.url
     try:
-        env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox.url, "PYTHONUNBUFFERED": "1"}
-        runs_before = code_runs(sandbox.url)
+        env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox_url, "PYTHONUNBUFFERED": "1"}
+        runs_before = code_runs(sandbox_url)
         ckpt = out / "ckpt"
         if ckpt.exists():  # an earlier run's checkpoints would be resumed instead of trained
             progress(f"removing the earlier run's checkpoints in {ckpt}")
             shutil.rmtree(ckpt)
         wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1", overrides,
                          save=not args.skip_resume)
-        runs_mid = runs_after = code_runs(sandbox.url)
+        runs_mid = runs_after = code_runs(sandbox_url)
         if not args.skip_resume:
             wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env,
                              "run 2 (resumes from the checkpoint)", overrides)
-            runs_after = code_runs(sandbox.url)
+            runs_after = code_runs(sandbox_url)
     finally:
-        sandbox.stop()
+        if sandbox is not None:
+            sandbox.stop()
 
     log1 = (out / "run1.log").read_text()
     first = parse_steps(log1)

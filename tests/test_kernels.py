@@ -51,6 +51,18 @@ def test_overrides_land_in_verls_model_config(stage, node):
     assert resolve(_cfg(stage, "retool.kernels=off"), stage, env=FULL) == (KernelChoice({}, "retool.kernels=off"), [])
 
 
+@pytest.mark.parametrize("stage, node", [("sft", "model"), ("grpo", "actor_rollout_ref.model")])
+def test_padded_batches_get_liger_but_not_the_fused_log_probs(stage, node):
+    """verl 0.9.1's Triton log-prob kernel returns flattened log-probs, which its padded path indexes
+    as (batch, length): an IndexError at the first step on a GPU. With use_remove_padding=false, auto
+    leaves the fused kernel off, says why, and keeps Liger."""
+    choice, ov = resolve(_cfg(stage, f"{node}.use_remove_padding=false"), stage, env=FULL)
+    assert ov == [f"{node}.use_liger=true"]
+    assert "use_remove_padding=false" in choice.describe() and choice.problem is None
+    assert choose("auto", NO_LIGER, remove_padding=False).settings == {}
+    assert resolve(_cfg(stage), stage, env=FULL)[1][0] == f"{node}.use_fused_kernels=true"  # the configs' default
+
+
 def test_a_key_given_on_the_command_line_wins():
     user = ["model.use_liger=false", "+model.fused_kernel_options.impl_backend=torch"]
     _, ov = resolve(_cfg("sft", "model.use_liger=false"), "sft", user, env=FULL)

@@ -70,9 +70,9 @@ def test_batches_without_packing_are_causal_per_row(tiny_model_dir):
     torch.testing.assert_close(packed(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def _qkv(length: int, heads: int = 6, kv_heads: int = 2, dim: int = 16):
+def _qkv(length: int, heads: int = 6, kv_heads: int = 2, dim: int = 16, dtype=torch.float32):
     g = torch.Generator().manual_seed(3)
-    return [torch.randn(1, h, length, dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    return [torch.randn(1, h, length, dim, generator=g).to(dtype).requires_grad_() for h in (heads, kv_heads, kv_heads)]
 
 
 def test_single_sequence_sdpa_path_matches_the_reference_in_values_and_gradients():
@@ -108,12 +108,31 @@ def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, expected):
         monkeypatch.delenv(packed_attention.CUDNN_ENV, raising=False)
     else:
         monkeypatch.setenv(packed_attention.CUDNN_ENV, env)
-    q, k, v = _qkv(sum(lengths))
+    q, k, v = _qkv(sum(lengths), dtype=torch.bfloat16)  # the fast kernels' precision
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     out, _ = packed_attention_forward(None, q, k, v, None, scaling=0.25, position_ids=pos)
     assert calls == [expected]
     bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     torch.testing.assert_close(out[0], per(*(t[0].transpose(0, 1) for t in (q, k, v)), bounds, 0.25))
+
+
+def test_fp32_on_a_gpu_goes_per_sequence(monkeypatch):
+    """The flash and cuDNN kernels refuse fp32 ("FlashAttention only support fp16 and bf16"): an fp32
+    numerics run on CUDA attends per sequence instead of failing at the first step."""
+    def refuse(*a):
+        raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+    monkeypatch.setattr(packed_attention, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(packed_attention, "varlen_attn", object())
+    monkeypatch.setattr(packed_attention, "_one_sequence_sdpa", refuse)
+    monkeypatch.setattr(packed_attention, "_varlen", refuse)
+    for lengths in ([12], [5, 7]):
+        q, k, v = _qkv(sum(lengths))
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        out, _ = packed_attention_forward(None, q, k, v, None, position_ids=pos)
+        bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        torch.testing.assert_close(out[0], packed_attention._per_sequence_sdpa(*(t[0].transpose(0, 1) for t in (q, k, v)), bounds, None))
+    with pytest.raises(RuntimeError, match="FlashAttention"):  # half precision still takes the fast kernels
+        packed_attention_forward(None, *_qkv(12, dtype=torch.bfloat16), None, position_ids=torch.arange(12)[None])
 
 
 def test_a_bad_cudnn_switch_is_refused(monkeypatch):

@@ -20,6 +20,11 @@ CUDA and Triton, no liger-kernel                   fused log-probs (Triton)
 no CUDA or no Triton (CPU: development, dry runs)  none (verl's defaults)
 =================================================  =============================================
 
+The fused log-probs also need ``use_remove_padding=true`` (the recipe's configs set it): in verl
+0.9.1 the Triton kernel returns the log-probs flattened, which the engine's padded path indexes as
+(batch, length) and fails on (``IndexError`` in ``prepare_model_outputs``). With padding, ``auto``
+leaves them off and keeps Liger.
+
 ``off`` keeps verl's defaults. A ``use_fused_kernels``, ``use_liger`` or
 ``fused_kernel_options.impl_backend`` given on the command line wins over ``auto``.
 
@@ -74,17 +79,22 @@ class KernelChoice:
         return f"kernels: {' + '.join(names) or 'verl defaults'} ({self.reason})"
 
 
-def choose(requested: str, env: KernelEnvironment) -> KernelChoice:
+def choose(requested: str, env: KernelEnvironment, remove_padding: bool = True) -> KernelChoice:
     if requested not in CHOICES:
         return KernelChoice({}, "as configured", f"retool.kernels={requested!r}: expected one of {', '.join(CHOICES)}")
     if requested == "off":
         return KernelChoice({}, "retool.kernels=off")
     if not (env.cuda and env.triton):
         return KernelChoice({}, env.describe())
-    settings: dict[str, object] = {"use_fused_kernels": True, "fused_kernel_options.impl_backend": "triton"}
+    settings: dict[str, object] = {}
+    reason = env.describe()
+    if remove_padding:
+        settings.update({"use_fused_kernels": True, "fused_kernel_options.impl_backend": "triton"})
+    else:
+        reason += "; padded batches (use_remove_padding=false): no fused log-probs, which verl 0.9.1 supports only without padding"
     if env.liger:
         settings["use_liger"] = True
-    return KernelChoice(settings, env.describe())
+    return KernelChoice(settings, reason)
 
 
 def _override_key(override: str) -> str:
@@ -99,7 +109,8 @@ def resolve(cfg, stage: str, user_overrides: Iterable[str] = (),
 
     node = MODEL_NODE[stage]
     requested = str(OmegaConf.select(cfg, "retool.kernels", default="auto"))
-    choice = choose(requested, env or KernelEnvironment.probe())
+    remove_padding = bool(OmegaConf.select(cfg, f"{node}.use_remove_padding", default=True))
+    choice = choose(requested, env or KernelEnvironment.probe(), remove_padding)
     given = {_override_key(o) for o in user_overrides}
     overrides = [f"{node}.{key}={str(value).lower() if isinstance(value, bool) else value}"
                  for key, value in choice.settings.items() if f"{node}.{key}" not in given]

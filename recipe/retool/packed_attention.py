@@ -9,8 +9,8 @@ sequence per micro-batch: many small kernels at short lengths.
 This module registers ``retool_packed`` with transformers' ``AttentionInterface``: the same
 boundaries, read from the position ids as transformers does for flash attention, and PyTorch's own
 packed flash attention, ``torch.nn.attention.varlen.varlen_attn`` (PyTorch >= 2.10, CUDA). On CPU,
-where that kernel does not exist, it runs SDPA once per sequence: the reference the tests compare
-the packing against.
+where that kernel does not exist, and on CUDA in fp32 (the flash kernels take fp16 and bf16 only), it
+runs SDPA once per sequence: the reference the tests compare the packing against.
 
 A pack that holds a single sequence (long-context SFT: one 16k conversation per micro-batch) has no
 boundaries to respect, so it goes to SDPA with cuDNN's attention kernel first in line (then SDPA's
@@ -167,7 +167,8 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if position_ids.dim() == 3:  # multimodal rope (3, 1, len): the text position is the first row
         position_ids = position_ids[0]
     cu, max_len = _boundaries_cached(position_ids)
-    gpu = _on_gpu(query)
+    # the fast kernels take half precision only; fp32 compute (a numerics check) goes per sequence
+    gpu = _on_gpu(query) and query.dtype in (torch.float16, torch.bfloat16)
     if gpu and cu.numel() == 2 and length > 1 and cudnn_for_single_sequences():
         return _one_sequence_sdpa(query, key, value, scaling), None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
