@@ -9,7 +9,9 @@ environment                                 Ulysses SP size     attention
 ==========================================  ==================  ==========================================
 flash-attn 2 installed                      any                 ``flash_attention_2`` (verl's default)
 CUDA, no flash-attn, PyTorch >= 2.10        1                   ``retool_packed`` (PyTorch's packed flash
-                                                                attention, :mod:`recipe.retool.packed_attention`)
+                                                                attention; a pack of one sequence through
+                                                                cuDNN's kernel:
+                                                                :mod:`recipe.retool.packed_attention`)
 no flash-attn (CUDA or not)                 > 1                 refused: verl applies Ulysses only inside
                                                                 flash attention (see below)
 no CUDA (CPU: development, dry runs)        1                   ``sdpa``

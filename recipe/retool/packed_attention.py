@@ -14,9 +14,10 @@ runs SDPA once per sequence: the reference the tests compare the packing against
 
 A pack that holds a single sequence (long-context SFT: one 16k conversation per micro-batch) has no
 boundaries to respect, so it goes to SDPA with cuDNN's attention kernel first in line (then SDPA's
-flash kernel, if cuDNN declines the shapes): on an H100 cuDNN's causal kernel runs about 1.8x
-PyTorch's varlen flash kernel at 16k (``scripts/bench_attention.py``). ``RETOOL_PACKED_CUDNN=0`` in
-the trainer's environment keeps every pack on the varlen kernel.
+flash kernel, if cuDNN declines the shapes): on an H100 cuDNN's causal kernel runs 1.8x PyTorch's
+varlen flash kernel at 16k (``scripts/bench_attention.py``), which took verl's SFT step for 1.5B at
+16k from 38.0% to 40.5% MFU (docs/performance.md). ``RETOOL_PACKED_CUDNN=0`` in the trainer's
+environment keeps every pack on the varlen kernel.
 
 ``retool.attention: auto`` (:mod:`recipe.retool.attention`) selects it on CUDA machines without
 flash-attn at Ulysses size 1, through ``model.external_lib=recipe.retool.packed_attention`` (which
@@ -124,8 +125,9 @@ def cudnn_for_single_sequences() -> bool:
 def _one_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        scale: float | None) -> torch.Tensor:
     """(1, heads, len, dim) in, (1, len, heads, dim) out: one causal sequence through SDPA, cuDNN's
-    kernel first, then flash. Grouped-query heads are repeated: SDPA's ``enable_gqa`` is not among
-    cuDNN's supported inputs, and the copy (2 x len x heads x dim) is small next to the kernel's time."""
+    kernel first, then flash. Grouped-query heads are repeated (2 x len x heads x dim copied), the form
+    measured in the trainer; SDPA's ``enable_gqa`` also reaches cuDNN in PyTorch 2.11 and was 8% faster
+    on the kernel alone at 16k (``scripts/bench_attention.py``), not yet measured in the trainer."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if key.shape[1] != query.shape[1]:
