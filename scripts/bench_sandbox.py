@@ -178,12 +178,18 @@ def stage_means_ms(before: dict, after: dict) -> dict[str, float] | None:
         means[stage] = totals.get(f"stage_{stage}_us_total", 0) / n / 1e3
     means["pipes_loop"] = means["round_trip"] - sum(means[s] for s in STAGES)
     means["requests"] = n
+    # how the kernel spread the connections' requests over the fronts (each front has its own workers)
+    means["per_front"] = [after[f].get("timed_requests", 0) - before[f].get("timed_requests", 0)
+                          for f in sorted(before.keys() & after.keys(), key=lambda f: (f is None, f))]
     return means
 
 
 def format_stages(m: dict[str, float]) -> str:
     parts = " + ".join(f"{s} {m[s]:.2f}" for s in (*STAGES, "pipes_loop"))
-    return f"{'':14s}ms per request (mean of {m['requests']}): queue {m['queue']:.2f} | worker round trip {m['round_trip']:.2f} = {parts}"
+    line = f"{'':14s}ms per request (mean of {m['requests']}): queue {m['queue']:.2f} | worker round trip {m['round_trip']:.2f} = {parts}"
+    if len(m.get("per_front", [])) > 1:
+        line += f" | requests per front {'/'.join(map(str, m['per_front']))}"
+    return line
 
 
 async def bench(url: str, quick: bool, clients: int = 1) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -245,6 +246,29 @@ def test_health_reports_where_request_time_goes(sandbox_server):
     assert 250_000 <= stages["run"] < 5_000_000  # the sleep runs inside the `run` stage
     assert stages["fork"] > 0 and stages["prepare"] > 0 and stages["cleanup"] > 0
     assert sum(stages.values()) <= delta("round_trip_us_total") < 5_000_000
+
+
+def test_the_benchmark_splits_request_time_and_counts_requests_per_front():
+    """scripts/bench_sandbox.py's per-row breakdown from two /health snapshots of every front: means
+    over all fronts' requests, and each front's share (a front with more connections than workers
+    queues while another idles)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sandbox", Path(__file__).parents[1] / "scripts" / "bench_sandbox.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def snap(n, queue_ms, rt_us, run_us):
+        return {"timed_requests": n, "queue_wait_ms_total": queue_ms, "round_trip_us_total": rt_us, "stage_run_us_total": run_us}
+
+    before = {0: snap(10, 5, 10_000, 4_000), 1: snap(4, 0, 4_000, 1_000), 2: snap(1, 0, 0, 0)}
+    after = {1: snap(34, 30, 304_000, 121_000), 0: snap(40, 65, 310_000, 124_000), 3: snap(99, 0, 0, 0)}
+    m = bench.stage_means_ms(before, after)  # fronts 0 and 1 seen twice: 30 + 30 requests
+    assert m["requests"] == 60 and m["per_front"] == [30, 30]
+    assert m["queue"] == pytest.approx(1.5) and m["round_trip"] == pytest.approx(10.0) and m["run"] == pytest.approx(4.0)
+    assert m["pipes_loop"] == pytest.approx(6.0)
+    assert "requests per front 30/30" in bench.format_stages(m)
+    assert bench.stage_means_ms(before, before) is None
 
 
 @pytest.mark.parametrize("code, lean", [
