@@ -170,11 +170,11 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         position_ids = position_ids[0]
     cu, max_len = _boundaries_cached(position_ids)
     # the fast kernels take half precision only; fp32 compute (a numerics check) goes per sequence
-    gpu = _on_gpu(query) and query.dtype in (torch.float16, torch.bfloat16)
-    if gpu and cu.numel() == 2 and length > 1 and cudnn_for_single_sequences():
+    fast = _on_gpu(query) and query.dtype in (torch.float16, torch.bfloat16)
+    if fast and cu.numel() == 2 and length > 1 and cudnn_for_single_sequences():
         return _one_sequence_sdpa(query, key, value, scaling), None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
-    if gpu and varlen_attn is not None:
+    if fast and varlen_attn is not None:
         out = _varlen(q, k, v, cu.to(q.device), max_len, scaling)
     else:
         out = _per_sequence_sdpa(q, k, v, cu, scaling)
