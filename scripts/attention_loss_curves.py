@@ -12,9 +12,14 @@ apart from a rounding-sized change alone. The candidates:
 - ``packed``: ``retool_packed`` over verl's remove-padding rows (the micro-batch's sequences
   concatenated in one row, attended within each sequence). On CPU the packed path runs SDPA once per
   sequence, so the comparison covers verl's packing and our sequence boundaries (fp32: the curves
-  should agree to rounding); on a GPU it also covers PyTorch's varlen flash-attention kernel.
+  should agree to rounding); on a GPU in bf16 it also covers PyTorch's varlen flash-attention kernel
+  (and cuDNN's, for a micro-batch of one sequence on Hopper).
 - ``fused``: verl's fused log-prob kernel, which never builds the logits (``retool.kernels``): its
-  torch backend on CPU, and on a GPU its Triton backend plus Liger's kernels, as ``auto`` sets them.
+  torch backend on CPU over padded batches; on a GPU, what the recipe runs there — its Triton
+  backend plus Liger's kernels over packed rows (``retool_packed``), so packing changes too.
+
+Every run passes ``retool.kernels=off``: the baseline keeps verl's defaults, and each candidate sets
+its own switches.
 
 Prints the losses side by side, how many leading steps agree to rounding, the mean losses over
 windows of steps, and writes OUT/summary.json; exits 1 when the first step already differs or a

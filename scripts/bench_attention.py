@@ -1,6 +1,6 @@
 """Causal attention kernels the trainer can reach without the flash-attn package, side by side on one GPU.
 
-    python scripts/bench_attention.py [--lengths 4096 16384] [--heads 12] [--kv-heads 2] [--dim 128] [--iters 10]
+    python scripts/bench_attention.py [--lengths 4096 12345 16384] [--heads 12] [--kv-heads 2] [--dim 128] [--iters 10]
 
 For one sequence of each length (bf16, Qwen2.5-1.5B's heads by default), times forward and backward
 of:
@@ -14,8 +14,10 @@ of:
 
 Prints, per kernel, milliseconds and TFLOP/s (causal: forward 2·L²·heads·dim, backward 2.5x that),
 the speed-up over ``varlen``, the largest difference of the output and the gradients from
-``varlen``'s (and, up to 4k, from an fp32 reference), and the attention kernels the profiler saw
-(so that a silent fallback to another backend shows). Needs CUDA and PyTorch >= 2.10.
+``varlen``'s (and, up to 4k, from an fp32 reference), whether every gradient is finite, and the
+attention kernels the profiler saw (so that a silent fallback to another backend shows). A length
+that is not a multiple of the kernels' tiles (12345 by default) checks the partly filled last tile.
+Needs CUDA and PyTorch >= 2.10.
 """
 
 from __future__ import annotations
@@ -117,13 +119,13 @@ def _max_diff(a, b) -> float:
 def bench(length: int, heads: int, kv_heads: int, dim: int, iters: int) -> dict:
     q, k, v, grad = _inputs(length, heads, kv_heads, dim)
     fwd_flops = 2 * length**2 * heads * dim
-    base_out, base_grads = _fwd_bwd(_varlen, q, k, v, grad)
+    base_out, base_grads = _fwd_bwd(_varlen, q, k, v, grad)  # the kernel every row is compared with
     ref = None
     if length <= REFERENCE_MAX_LEN:
         from torch.nn.attention import SDPBackend
 
         ref = _fwd_bwd(_sdpa(SDPBackend.MATH, True), *(t.float() for t in (q, k, v, grad)))
-    rows, base_ms = {}, None
+    rows, base_ms = {}, sum(_time(_varlen, q, k, v, grad, iters))
     for name, fn in kernels().items():
         try:
             out, grads = _fwd_bwd(fn, q, k, v, grad)
@@ -132,8 +134,8 @@ def bench(length: int, heads: int, kv_heads: int, dim: int, iters: int) -> dict:
             rows[name] = {"refused": str(err).splitlines()[0][:200]}
             continue
         total = fwd_ms + bwd_ms
-        base_ms = base_ms or total
-        row = {"fwd_ms": round(fwd_ms, 3), "bwd_ms": round(bwd_ms, 3),
+        finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+        row = {"finite": finite, "fwd_ms": round(fwd_ms, 3), "bwd_ms": round(bwd_ms, 3),
                "tflops": round(3.5 * fwd_flops / (total / 1e3) / 1e12, 1), "speedup_vs_varlen": round(base_ms / total, 3),
                "max_diff_vs_varlen": {"out": _max_diff(out, base_out),
                                       "grads": max(_max_diff(a, b) for a, b in zip(grads, base_grads, strict=True))},
@@ -148,7 +150,7 @@ def bench(length: int, heads: int, kv_heads: int, dim: int, iters: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/bench_attention.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 12345, 16384])
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--dim", type=int, default=128)
@@ -163,14 +165,16 @@ def main(argv=None) -> int:
     for length in args.lengths:
         results[length] = bench(length, args.heads, args.kv_heads, args.dim, args.iters)
         print(f"\nlength {length}")
-        print(f"  {'kernel':<11} {'fwd ms':>8} {'bwd ms':>8} {'TFLOP/s':>8} {'x varlen':>9} {'diff out':>9} {'diff grad':>9}  kernels")
+        print(f"  {'kernel':<11} {'fwd ms':>8} {'bwd ms':>8} {'TFLOP/s':>8} {'x varlen':>9} {'diff out':>9} {'diff grad':>9} "
+              f"{'finite':>6}  kernels")
         for name, row in results[length].items():
             if "refused" in row:
                 print(f"  {name:<11} refused: {row['refused']}")
                 continue
             d = row["max_diff_vs_varlen"]
             print(f"  {name:<11} {row['fwd_ms']:>8.2f} {row['bwd_ms']:>8.2f} {row['tflops']:>8.1f} "
-                  f"{row['speedup_vs_varlen']:>9.2f} {d['out']:>9.2e} {d['grads']:>9.2e}  {', '.join(row['attention_kernels'])}")
+                  f"{row['speedup_vs_varlen']:>9.2f} {d['out']:>9.2e} {d['grads']:>9.2e} {str(row['finite']):>6}  "
+                  f"{', '.join(row['attention_kernels'])}")
             if "max_diff_vs_fp32" in row:
                 print(f"  {'':<11} vs fp32 reference: out {row['max_diff_vs_fp32']['out']:.2e}, "
                       f"grads {row['max_diff_vs_fp32']['grads']:.2e}")

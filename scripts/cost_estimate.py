@@ -7,11 +7,11 @@ recipe's own configs (``retool_sft.yaml``, ``retool_grpo_template.yaml``, read w
 model shape is Qwen2.5-7B-Instruct's. What the estimate rests on, and where each number comes from:
 
 - ``--peak-tflops`` 796: the bf16 matrix-product rate measured on an H100 (docs/performance.md);
-- ``--train-mfu`` 0.35: the MFU measured for verl's SFT trainer with our configs (``retool.kernels:
-  auto``: fused log-probs + Liger; ``retool_packed`` attention, cuDNN for one-sequence packs;
-  gradient checkpointing on) on one H100: 35.3% at 16k (1.5B), 40.5% at 4k (3B), docs/performance.md;
-  the lower one is used for SFT and for GRPO's log-prob and update phases (the same FSDP engine; not
-  measured in the GRPO trainer itself);
+- ``--train-mfu`` 0.33: the MFU measured for verl's SFT trainer with our configs (``retool.kernels:
+  auto``: fused log-probs + Liger, gradient checkpointing on) on one H100: 33.1% at 16k (1.5B), 40.5%
+  at 4k (3B), docs/performance.md; the lower one is used for SFT and for GRPO's log-prob and update
+  phases (the same FSDP engine; not measured in the GRPO trainer itself). cuDNN attention for
+  one-sequence packs (35.3% at 16k) does not apply: the recipe's packs hold several sequences;
 - ``--sft-conversations`` 2000 and ``--sft-mean-tokens`` 1800: ReTool-SFT is ``train_2000.parquet``;
   the mean length is an assumption: measure it with the prefilter's token counts and pass it;
 - ``--mean-response-tokens`` 3000 and ``--mean-prompt-tokens`` 250: assumptions for DAPO-Math prompts
@@ -76,7 +76,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grpo-steps", type=int, default=400, help="GRPO steps (the ReTool paper trains 400)")
     p.add_argument("--peak-tflops", type=float, default=796.0)
-    p.add_argument("--train-mfu", type=float, default=0.35)
+    p.add_argument("--train-mfu", type=float, default=0.33)
     p.add_argument("--sft-conversations", type=int, default=2000)
     p.add_argument("--sft-mean-tokens", type=float, default=1800)
     p.add_argument("--mean-prompt-tokens", type=float, default=250)

@@ -1,7 +1,8 @@
 """Miniature GRPO, end to end: verl's real ``main_ppo`` with our template, tool, sandbox and reward.
 
     python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps N] [--attention sdpa|retool_packed]
-                                [--shape tiny|0.5b|1.5b|3b|7b] [--skip-resume] [--extra OVERRIDE ...]
+                                [--no-teach] [--shape tiny|0.5b|1.5b|3b|7b] [--skip-resume] [--sandbox-url URL]
+                                [--extra OVERRIDE ...]
 
 1. builds a tiny random-init Qwen2 model with the offline dev tokenizer, then teaches it by
    teacher forcing (``--teach-steps`` Adam steps on the RL prompts) to open its answer with a
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "remove-padding rows (default: %(default)s)")
     p.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny",
                    help="tiny: the 2-layer test model; else a random-init Qwen2.5 shape with the full vocabulary "
-                        "(GPU only; pair it with --no-teach) (default: %(default)s)")
+                        "(needs --device gpu and --no-teach) (default: %(default)s)")
     p.add_argument("--sandbox-url", help="use this running sandbox server (e.g. one started by "
                    "scripts/with_sandbox_cgroup.sh) instead of starting one")
     p.add_argument("--skip-resume", action="store_true", help="only the first run, no checkpoint")
@@ -228,8 +229,8 @@ def main() -> None:
 
     parser = build_parser()
     args = parser.parse_args()
-    if args.shape != "tiny" and args.device != "gpu":
-        parser.error(f"--shape {args.shape} needs --device gpu")
+    if args.shape != "tiny" and (args.device != "gpu" or not args.no_teach):
+        parser.error(f"--shape {args.shape} needs --device gpu and --no-teach (teaching is for the tiny model)")
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

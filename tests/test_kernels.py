@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from recipe.retool.attention import Environment
-from recipe.retool.kernels import KernelChoice, KernelEnvironment, choose, resolve
+from recipe.retool.kernels import KernelChoice, KernelEnvironment, choose, padded_triton_problem, resolve
 from recipe.retool.train import compose, main, path_overrides
 
 FULL = KernelEnvironment(cuda=True, triton=True, liger=True)
@@ -61,6 +61,25 @@ def test_padded_batches_get_liger_but_not_the_fused_log_probs(stage, node):
     assert "use_remove_padding=false" in choice.describe() and choice.problem is None
     assert choose("auto", NO_LIGER, remove_padding=False).settings == {}
     assert resolve(_cfg(stage), stage, env=FULL)[1][0] == f"{node}.use_fused_kernels=true"  # the configs' default
+
+
+def test_triton_log_probs_over_padded_batches_set_by_hand_are_refused(tiny_model_dir, sample_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    """What auto avoids, asked for on the command line: the launch stops with the reason instead of
+    verl failing at the first step on the GPU. The torch backend runs padded batches and is let through."""
+    monkeypatch.setattr(KernelEnvironment, "probe", classmethod(lambda cls: FULL))
+    monkeypatch.setattr(Environment, "probe", classmethod(lambda cls: Environment(flash_attn=True, cuda=True, varlen=True)))
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    args = ["sft", str(tiny_model_dir), str(sample_data["sft"].parent.parent), str(tmp_path / "o"),
+            "model.use_remove_padding=false", "model.use_fused_kernels=true"]
+    assert main([*args, "model.fused_kernel_options.impl_backend=triton"]) == 2
+    assert not started and "cannot index" in capsys.readouterr().err
+    assert main([*args, "model.fused_kernel_options.impl_backend=torch"]) == 0 and len(started) == 1
+    assert padded_triton_problem(_cfg("grpo", "actor_rollout_ref.model.use_remove_padding='false'",
+                                      "actor_rollout_ref.model.use_fused_kernels=true",
+                                      "actor_rollout_ref.model.fused_kernel_options.impl_backend=triton"), "grpo")
+    assert padded_triton_problem(_cfg("grpo"), "grpo") is None
 
 
 def test_a_key_given_on_the_command_line_wins():

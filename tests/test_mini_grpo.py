@@ -88,7 +88,8 @@ def test_phase_means_leave_the_warm_up_step_out():
 
 
 def test_a_full_size_model_needs_the_gpu(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/mini_grpo.py", "--out", str(tmp_path), "--shape", "1.5b"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and "--shape 1.5b needs --device gpu" in proc.stderr
+    for extra in ([], ["--device", "gpu"], ["--no-teach"]):
+        proc = subprocess.run([sys.executable, "scripts/mini_grpo.py", "--out", str(tmp_path), "--shape", "1.5b", *extra],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and "--shape 1.5b needs --device gpu and --no-teach" in proc.stderr, extra
     assert not any(tmp_path.iterdir())  # refused before anything was built

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recipe.retool import packed_attention
+from recipe.retool.attention import CUDNN_ENV
 from recipe.retool.packed_attention import NAME, packed_attention_forward, sequence_boundaries
 
 LENGTHS = [5, 9, 1, 7]
@@ -92,22 +93,25 @@ def test_single_sequence_sdpa_path_matches_the_reference_in_values_and_gradients
     assert not torch.allclose(out, tiled.transpose(1, 2), atol=1e-3)
 
 
-@pytest.mark.parametrize(("lengths", "env", "expected"), [
-    ([12], None, "one_sequence"), ([12], "1", "one_sequence"), ([12], "0", "varlen"), ([5, 7], None, "varlen"),
+@pytest.mark.parametrize(("lengths", "env", "hopper", "expected"), [
+    ([12], None, True, "one_sequence"), ([12], "1", True, "one_sequence"), ([12], "0", True, "varlen"),
+    ([5, 7], None, True, "varlen"), ([12], None, False, "varlen"),
 ])
-def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, expected):
-    """On CUDA: a one-sequence pack goes to SDPA (cuDNN first) unless RETOOL_PACKED_CUDNN=0; packs of
-    several sequences go to the varlen kernel. The kernels are replaced by the CPU reference here."""
+def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, hopper, expected):
+    """On a Hopper GPU a one-sequence pack goes to SDPA (cuDNN first) unless RETOOL_PACKED_CUDNN=0;
+    packs of several sequences, and every pack on other GPUs (where cuDNN's kernel was not measured
+    faster), go to the varlen kernel. The kernels are replaced by the CPU reference here."""
     calls = []
     one, per = packed_attention._one_sequence_sdpa, packed_attention._per_sequence_sdpa
     monkeypatch.setattr(packed_attention, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(packed_attention, "_cudnn_preferred", lambda device: hopper)
     monkeypatch.setattr(packed_attention, "varlen_attn", object())
     monkeypatch.setattr(packed_attention, "_one_sequence_sdpa", lambda *a: calls.append("one_sequence") or one(*a))
     monkeypatch.setattr(packed_attention, "_varlen", lambda q, k, v, cu, m, s: calls.append("varlen") or per(q, k, v, cu, s))
     if env is None:
-        monkeypatch.delenv(packed_attention.CUDNN_ENV, raising=False)
+        monkeypatch.delenv(CUDNN_ENV, raising=False)
     else:
-        monkeypatch.setenv(packed_attention.CUDNN_ENV, env)
+        monkeypatch.setenv(CUDNN_ENV, env)
     q, k, v = _qkv(sum(lengths), dtype=torch.bfloat16)  # the fast kernels' precision
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     out, _ = packed_attention_forward(None, q, k, v, None, scaling=0.25, position_ids=pos)
@@ -122,6 +126,7 @@ def test_fp32_on_a_gpu_goes_per_sequence(monkeypatch):
     def refuse(*a):
         raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
     monkeypatch.setattr(packed_attention, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(packed_attention, "_cudnn_preferred", lambda device: True)
     monkeypatch.setattr(packed_attention, "varlen_attn", object())
     monkeypatch.setattr(packed_attention, "_one_sequence_sdpa", refuse)
     monkeypatch.setattr(packed_attention, "_varlen", refuse)
@@ -135,10 +140,23 @@ def test_fp32_on_a_gpu_goes_per_sequence(monkeypatch):
         packed_attention_forward(None, *_qkv(12, dtype=torch.bfloat16), None, position_ids=torch.arange(12)[None])
 
 
-def test_a_bad_cudnn_switch_is_refused(monkeypatch):
-    monkeypatch.setenv(packed_attention.CUDNN_ENV, "maybe")
-    with pytest.raises(ValueError, match="RETOOL_PACKED_CUDNN='maybe'"):
-        packed_attention.cudnn_for_single_sequences()
+def test_a_bad_cudnn_switch_stops_the_launch(monkeypatch, tiny_model_dir, sample_data, tmp_path, capsys):
+    """A value the workers would refuse at their first forward stops `train.py` before anything starts."""
+    import subprocess
+
+    from recipe.retool.attention import Environment
+    from recipe.retool.train import main
+
+    # a machine where the SFT template's Ulysses size is allowed (flash-attn installed)
+    monkeypatch.setattr(Environment, "probe", classmethod(lambda cls: Environment(flash_attn=True, cuda=True, varlen=True)))
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setenv(CUDNN_ENV, "maybe")
+    data_dir = sample_data["sft"].parent.parent
+    assert main(["sft", str(tiny_model_dir), str(data_dir), str(tmp_path / "o")]) == 2
+    assert not started and "RETOOL_PACKED_CUDNN='maybe'" in capsys.readouterr().err
+    monkeypatch.setenv(CUDNN_ENV, "0")
+    assert main(["sft", str(tiny_model_dir), str(data_dir), str(tmp_path / "o")]) == 0 and len(started) == 1
 
 
 def test_unsupported_inputs_fail_with_a_reason():

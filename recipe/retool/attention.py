@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,17 @@ ULYSSES_KEYS = {"sft": ("engine.ulysses_sequence_parallel_size",),
                 "grpo": ("actor_rollout_ref.actor.ulysses_sequence_parallel_size",
                          "actor_rollout_ref.ref.ulysses_sequence_parallel_size")}
 PACKED_LIB = "recipe.retool.packed_attention"
+# retool_packed on a Hopper GPU: a pack of one sequence goes to cuDNN's attention kernel unless "0"
+CUDNN_ENV = "RETOOL_PACKED_CUDNN"
+
+
+def cudnn_for_single_sequences() -> bool:
+    """``RETOOL_PACKED_CUDNN`` (default on): whether ``retool_packed`` may send a one-sequence pack to
+    cuDNN's kernel. The trainer's launch checks it, so that a bad value fails before any worker starts."""
+    value = os.environ.get(CUDNN_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"{CUDNN_ENV}={value!r}: expected 1 (cuDNN for one-sequence packs on Hopper, the default) or 0")
+    return value in ("1", "true", "on")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def choose(requested: str, env: KernelEnvironment, remove_padding: bool = True) 
     if remove_padding:
         settings.update({"use_fused_kernels": True, "fused_kernel_options.impl_backend": "triton"})
     else:
-        reason += "; padded batches (use_remove_padding=false): no fused log-probs, which verl 0.9.1 supports only without padding"
+        reason += ("; padded batches (use_remove_padding=false): no fused log-probs, whose Triton backend "
+                   "fails on padded batches in verl 0.9.1")
     if env.liger:
         settings["use_liger"] = True
     return KernelChoice(settings, reason)
@@ -109,12 +110,37 @@ def resolve(cfg, stage: str, user_overrides: Iterable[str] = (),
 
     node = MODEL_NODE[stage]
     requested = str(OmegaConf.select(cfg, "retool.kernels", default="auto"))
-    remove_padding = bool(OmegaConf.select(cfg, f"{node}.use_remove_padding", default=True))
+    remove_padding = _flag(OmegaConf.select(cfg, f"{node}.use_remove_padding", default=True))
     choice = choose(requested, env or KernelEnvironment.probe(), remove_padding)
     given = {_override_key(o) for o in user_overrides}
     overrides = [f"{node}.{key}={str(value).lower() if isinstance(value, bool) else value}"
                  for key, value in choice.settings.items() if f"{node}.{key}" not in given]
     return choice, overrides
+
+
+def _flag(value) -> bool:
+    if isinstance(value, str):  # a quoted YAML value or an interpolation's result
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
+def padded_triton_problem(cfg, stage: str) -> str | None:
+    """The composed config's model asks for verl's Triton log-prob kernel over padded batches (set by
+    hand: ``auto`` never does), which fails at the first step in verl 0.9.1: a reason to refuse the launch."""
+    from omegaconf import OmegaConf
+
+    node = MODEL_NODE[stage]
+
+    def get(key: str, default):
+        return OmegaConf.select(cfg, f"{node}.{key}", default=default)
+
+    if (_flag(get("use_fused_kernels", False)) and not _flag(get("use_remove_padding", True))
+            and str(get("fused_kernel_options.impl_backend", "torch")) == "triton"):
+        return (f"{node}.use_fused_kernels with impl_backend=triton over padded batches ({node}.use_remove_padding="
+                "false): verl 0.9.1's Triton kernel returns flattened log-probs that its padded path cannot index "
+                "(IndexError at the first step). Set use_remove_padding=true, impl_backend=torch, or "
+                "use_fused_kernels=false")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

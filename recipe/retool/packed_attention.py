@@ -12,12 +12,17 @@ packed flash attention, ``torch.nn.attention.varlen.varlen_attn`` (PyTorch >= 2.
 where that kernel does not exist, and on CUDA in fp32 (the flash kernels take fp16 and bf16 only), it
 runs SDPA once per sequence: the reference the tests compare the packing against.
 
-A pack that holds a single sequence (long-context SFT: one 16k conversation per micro-batch) has no
-boundaries to respect, so it goes to SDPA with cuDNN's attention kernel first in line (then SDPA's
-flash kernel, if cuDNN declines the shapes): on an H100 cuDNN's causal kernel runs 1.8x PyTorch's
-varlen flash kernel at 16k (``scripts/bench_attention.py``), which took verl's SFT step for 1.5B at
-16k from 38.0% to 40.5% MFU (docs/performance.md). ``RETOOL_PACKED_CUDNN=0`` in the trainer's
-environment keeps every pack on the varlen kernel.
+On a Hopper GPU (compute capability 9), a pack that holds a single sequence (long-context SFT: one
+16k conversation per micro-batch) has no boundaries to respect, so it goes to SDPA with cuDNN's
+attention kernel first in line (then SDPA's flash kernel, if cuDNN declines the shapes): on an H100
+cuDNN's causal kernel runs 1.8x PyTorch's varlen flash kernel at 16k (``scripts/bench_attention.py``),
+which took verl's SFT step for 1.5B at 16k from 38.0% to 40.5% MFU with gradient checkpointing off,
+32.6% to 35.3% with it on (docs/performance.md). Elsewhere it is not measured, and cuDNN's kernel is
+not faster everywhere, so other GPUs keep the varlen kernel. ``RETOOL_PACKED_CUDNN=0`` in the
+trainer's environment (for GRPO, Ray's workers inherit the launching shell's) keeps every pack on the
+varlen kernel. Two consequences: a sequence can meet different kernels in different passes (alone in
+one micro-batch, packed with others in the next), equal to bf16 rounding; and verl's
+``engine.pad_to_length`` appends a padding segment to every pack, which then never holds one sequence.
 
 ``retool.attention: auto`` (:mod:`recipe.retool.attention`) selects it on CUDA machines without
 flash-attn at Ulysses size 1, through ``model.external_lib=recipe.retool.packed_attention`` (which
@@ -30,13 +35,14 @@ batches with an attention mask, sliding windows, attention dropout.
 
 from __future__ import annotations
 
+import functools
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
 
 from recipe.retool import verl_perf  # noqa: F401  (the recipe's default external lib, kept when this one replaces it)
+from recipe.retool.attention import cudnn_for_single_sequences
 
 NAME = "retool_packed"
 
@@ -46,7 +52,6 @@ except ImportError:  # pragma: no cover - older torch: CPU reference path only
     varlen_attn = None
 
 _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
-CUDNN_ENV = "RETOOL_PACKED_CUDNN"  # "0": single-sequence packs take the varlen kernel too
 
 
 def sequence_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -114,12 +119,10 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def cudnn_for_single_sequences() -> bool:
-    """Whether a pack of one sequence goes to SDPA with cuDNN first (``RETOOL_PACKED_CUDNN``, default on)."""
-    value = os.environ.get(CUDNN_ENV, "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "off", "on"):
-        raise ValueError(f"{CUDNN_ENV}={value!r}: expected 1 (cuDNN for single-sequence packs, the default) or 0")
-    return value in ("1", "true", "on")
+@functools.cache
+def _cudnn_preferred(device: torch.device) -> bool:
+    """cuDNN's attention was measured faster than the flash kernels on Hopper (H100) only."""
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _one_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -135,7 +138,7 @@ def _one_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).contiguous()
 
 
 def _per_sequence_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
@@ -171,7 +174,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     cu, max_len = _boundaries_cached(position_ids)
     # the fast kernels take half precision only; fp32 compute (a numerics check) goes per sequence
     fast = _on_gpu(query) and query.dtype in (torch.float16, torch.bfloat16)
-    if fast and cu.numel() == 2 and length > 1 and cudnn_for_single_sequences():
+    if fast and cu.numel() == 2 and length > 1 and cudnn_for_single_sequences() and _cudnn_preferred(query.device):
         return _one_sequence_sdpa(query, key, value, scaling), None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     if fast and varlen_attn is not None:

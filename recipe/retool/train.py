@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
+from recipe.retool.attention import cudnn_for_single_sequences
 from recipe.retool.attention import resolve as resolve_attention
 from recipe.retool.config_check import (
     EXTENSION_KEYS,
@@ -41,6 +42,7 @@ from recipe.retool.config_check import (
     reward_kwargs_problems,
     type_problems,
 )
+from recipe.retool.kernels import padded_triton_problem
 from recipe.retool.kernels import resolve as resolve_kernels
 
 STAGES = {
@@ -360,6 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the {args.stage} config does not pass the pre-launch check "
               f"({config_name}, verl {_verl_version()}):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    try:
+        cudnn_for_single_sequences()  # read by retool_packed in every worker: a bad value fails here, not there
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cfg = compose(config_name, overrides, config_dir)
     attention, attention_overrides = resolve_attention(cfg, args.stage)
     kernels, kernel_overrides = resolve_kernels(cfg, args.stage, user_overrides)
@@ -369,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     attention_line = f"attention: {attention.implementation} ({attention.reason})"
     if kernels.problem:
         print(f"error: {kernels.describe()}: {kernels.problem}", file=sys.stderr)
+        return 2
+    if problem := padded_triton_problem(cfg, args.stage):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if attention.problem and not args.dry_run:
         print(f"error: {attention_line}: {attention.problem}", file=sys.stderr)
