@@ -96,6 +96,7 @@ def test_single_sequence_sdpa_path_matches_the_reference_in_values_and_gradients
 @pytest.mark.parametrize(("lengths", "env", "hopper", "expected"), [
     ([12], None, True, "one_sequence"), ([12], "1", True, "one_sequence"), ([12], "0", True, "varlen"),
     ([5, 7], None, True, "varlen"), ([12], None, False, "varlen"),
+    ([(12, 40)], None, True, "one_sequence"),  # a lone sequence whose positions start at 40 (a continued chunk)
 ])
 def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, hopper, expected):
     """On a Hopper GPU a one-sequence pack goes to SDPA (cuDNN first) unless RETOOL_PACKED_CUDNN=0;
@@ -112,11 +113,13 @@ def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, hopper, ex
         monkeypatch.delenv(CUDNN_ENV, raising=False)
     else:
         monkeypatch.setenv(CUDNN_ENV, env)
-    q, k, v = _qkv(sum(lengths), dtype=torch.bfloat16)  # the fast kernels' precision
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    spans = [n if isinstance(n, tuple) else (n, 0) for n in lengths]  # (length, first position)
+    sizes = [n for n, _ in spans]
+    q, k, v = _qkv(sum(sizes), dtype=torch.bfloat16)  # the fast kernels' precision
+    pos = torch.cat([torch.arange(start, start + n) for n, start in spans])[None]
     out, _ = packed_attention_forward(None, q, k, v, None, scaling=0.25, position_ids=pos)
     assert calls == [expected]
-    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    bounds = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
     torch.testing.assert_close(out[0], per(*(t[0].transpose(0, 1) for t in (q, k, v)), bounds, 0.25))
 
 
