@@ -7,10 +7,10 @@
 One run, side by side, on (a) ``print(1+1)`` and (b) a sympy solve, at concurrency 1 and 64.
 Prints requests/s, p50/p99 latency and our/baseline ratios. The baseline runs the same code
 with no isolation at all (``python -c``), so the ratio understates what isolation costs us. Under
-each row, where our requests spent their time (mean ms, from the fronts' ``/health`` statistics):
+each row, where our requests spent their time (mean ms, from the pool's ``/health`` statistics):
 waiting for a worker, and the round trip to it split into the worker's stages (work area, cgroup
 limits, fork into the namespaces, the run until its pid namespace is gone, output and fetch, clean-up)
-and what is left for the pipes and the front's event loop. A stage that grows from concurrency 1 to
+and what is left for the pipes and the pool's event loop. A stage that grows from concurrency 1 to
 64 while cores are idle is where requests wait on each other.
 
 ``--load N`` then sends N mixed requests (ordinary, erroring, timing out, hostile) at
@@ -150,26 +150,19 @@ def busy_since(start: tuple[int, int]) -> float:
 STAGES = ("prepare", "limits", "fork", "run", "run_end", "cleanup")
 
 
-async def front_stats(url: str, polls: int = 24) -> dict:
-    """Each HTTP front's cumulative pool statistics (``/health``), keyed by front: every new
-    connection may land on any front, so poll until most have answered."""
-    seen: dict = {}
+async def pool_stats(url: str) -> dict:
+    """The pool's cumulative statistics (``/health``; every front reports the one pool) and how many
+    requests each front brought."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        for _ in range(polls):
-            async with session.get(url + "/health") as resp:
-                body = await resp.json()
-            seen[body.get("front")] = body.get("stats") or {}
-    return seen
+        async with session.get(url + "/health") as resp:
+            body = await resp.json()
+    return {**(body.get("stats") or {}), "requests_by_front": body.get("requests_by_front") or []}
 
 
 def stage_means_ms(before: dict, after: dict) -> dict[str, float] | None:
-    """Mean milliseconds per request of each stage between two ``front_stats`` snapshots (fronts seen
-    in both): the wait for a worker, the round trip to it, and the worker's own stages."""
-    totals: dict[str, int] = {}
-    for front in before.keys() & after.keys():
-        for key, value in after[front].items():
-            if isinstance(value, int):
-                totals[key] = totals.get(key, 0) + value - before[front].get(key, 0)
+    """Mean milliseconds per request of each stage between two ``pool_stats`` snapshots: the wait
+    for a worker, the round trip to it, and the worker's own stages."""
+    totals = {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int)}
     n = totals.get("timed_requests", 0)
     if n <= 0:
         return None
@@ -178,9 +171,9 @@ def stage_means_ms(before: dict, after: dict) -> dict[str, float] | None:
         means[stage] = totals.get(f"stage_{stage}_us_total", 0) / n / 1e3
     means["pipes_loop"] = means["round_trip"] - sum(means[s] for s in STAGES)
     means["requests"] = n
-    # how the kernel spread the connections' requests over the fronts (each front has its own workers)
-    means["per_front"] = [after[f].get("timed_requests", 0) - before[f].get("timed_requests", 0)
-                          for f in sorted(before.keys() & after.keys(), key=lambda f: (f is None, f))]
+    # how the kernel spread the connections' requests over the fronts (all fronts share the workers)
+    old = before.get("requests_by_front") or []
+    means["per_front"] = [v - (old[i] if i < len(old) else 0) for i, v in enumerate(after.get("requests_by_front") or [])]
     return means
 
 
@@ -219,14 +212,14 @@ async def bench(url: str, quick: bool, clients: int = 1) -> None:
             run_ours = lambda c=code, e=expect: ours(c, e)  # noqa: E731
             run_base = lambda c=code, e=expect: baseline(c, e)  # noqa: E731
             await drive(run_ours, 8, 8)  # warm connections
-            stats0 = await front_stats(url)
+            stats0 = await pool_stats(url)
             cpu0 = cpu_times()
             if clients > 1 and conc >= clients:
                 tp_o, lat_o = await drive_clients(url, code, expect, max(8, int(n_ours * scale)), conc, clients)
             else:
                 tp_o, lat_o = await drive(run_ours, max(8, int(n_ours * scale)), conc)
             busy = busy_since(cpu0)
-            stages = stage_means_ms(stats0, await front_stats(url))
+            stages = stage_means_ms(stats0, await pool_stats(url))
             tp_b, lat_b = await drive(run_base, max(4, int(n_base * scale)), conc)
             print(f"{name:8s} {conc:4d} | {tp_o:10.1f} {pct(lat_o, .5)*1e3:8.1f} {pct(lat_o, .99)*1e3:8.1f} | "
                   f"{tp_b:10.1f} {pct(lat_b, .5)*1e3:8.1f} {pct(lat_b, .99)*1e3:8.1f} | {tp_o / tp_b:5.1f}x | {busy:6.0%} of {os.cpu_count()} cores")

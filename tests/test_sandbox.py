@@ -249,26 +249,28 @@ def test_health_reports_where_request_time_goes(sandbox_server):
 
 
 def test_the_benchmark_splits_request_time_and_counts_requests_per_front():
-    """scripts/bench_sandbox.py's per-row breakdown from two /health snapshots of every front: means
-    over all fronts' requests, and each front's share (a front with more connections than workers
-    queues while another idles)."""
+    """scripts/bench_sandbox.py's per-row breakdown from two /health snapshots of the pool: means over
+    the requests between them, and how many each front brought (the spread of connections)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_sandbox", Path(__file__).parents[1] / "scripts" / "bench_sandbox.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    def snap(n, queue_ms, rt_us, run_us):
-        return {"timed_requests": n, "queue_wait_ms_total": queue_ms, "round_trip_us_total": rt_us, "stage_run_us_total": run_us}
+    def snap(n, queue_ms, rt_us, run_us, by_front):
+        return {"timed_requests": n, "queue_wait_ms_total": queue_ms, "round_trip_us_total": rt_us,
+                "stage_run_us_total": run_us, "requests_by_front": by_front}
 
-    before = {0: snap(10, 5, 10_000, 4_000), 1: snap(4, 0, 4_000, 1_000), 2: snap(1, 0, 0, 0)}
-    after = {1: snap(34, 30, 304_000, 121_000), 0: snap(40, 65, 310_000, 124_000), 3: snap(99, 0, 0, 0)}
-    m = bench.stage_means_ms(before, after)  # fronts 0 and 1 seen twice: 30 + 30 requests
-    assert m["requests"] == 60 and m["per_front"] == [30, 30]
+    before = snap(14, 5, 14_000, 5_000, [10, 4])
+    after = snap(74, 95, 614_000, 245_000, [50, 24])
+    m = bench.stage_means_ms(before, after)
+    assert m["requests"] == 60 and m["per_front"] == [40, 20]
     assert m["queue"] == pytest.approx(1.5) and m["round_trip"] == pytest.approx(10.0) and m["run"] == pytest.approx(4.0)
     assert m["pipes_loop"] == pytest.approx(6.0)
-    assert "requests per front 30/30" in bench.format_stages(m)
+    assert "requests per front 40/20" in bench.format_stages(m)
     assert bench.stage_means_ms(before, before) is None
+    one_front = bench.stage_means_ms(snap(0, 0, 0, 0, []), snap(5, 0, 50_000, 0, []))
+    assert one_front["per_front"] == [] and "per front" not in bench.format_stages(one_front)
 
 
 @pytest.mark.parametrize("code, lean", [
@@ -808,7 +810,8 @@ def test_without_root_a_snippet_cannot_signal_its_worker(nobody_server):
 
 
 def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
-    """--fronts N: N HTTP processes accept on one socket, each with its share of the workers."""
+    """--fronts N: N HTTP processes accept on one socket and share one pool of workers; a front that
+    dies is restarted, and the server stops cleanly (no front or worker left behind)."""
     import signal
 
     from recipe.retool.sandbox.local import LocalSandbox
@@ -818,16 +821,18 @@ def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
     try:
         def fronts() -> list[int]:
             with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as fh:
-                return [int(p) for p in fh.read().split()]
+                children = [int(p) for p in fh.read().split()]
+            return [p for p in children if b"recipe.retool.sandbox.fronts" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
         assert len(fronts()) == 2
         for i in range(10):
             assert run(server, f"print({i})")["run_result"]["stdout"] == f"{i}\n"
-        os.kill(fronts()[0], signal.SIGKILL)
+        killed = fronts()[0]
+        os.kill(killed, signal.SIGKILL)
         deadline = time.time() + 60
-        while time.time() < deadline and len(fronts()) < 2:
+        while time.time() < deadline and (killed in fronts() or len(fronts()) < 2):
             time.sleep(0.2)
-        assert len(fronts()) == 2
+        assert len(fronts()) == 2 and killed not in fronts()
         ok = 0
         while time.time() < deadline and ok < 10:
             try:
@@ -835,9 +840,43 @@ def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
             except (httpx.HTTPError, AssertionError):
                 time.sleep(0.2)  # a connection that landed on the restarting front
         assert ok == 10
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        assert health["workers"] == health["live"] == 2 and len(health["requests_by_front"]) == 2
+        tree = descendants(server.proc.pid)
     finally:
         server.stop()
     assert server.proc.returncode == 0
+    assert not [p for p in tree if os.path.exists(f"/proc/{p}/cmdline") and Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    # the pool's process killed outright: the fronts notice their channel close and give the port back
+    server = LocalSandbox(workers=1, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                          extra_args=["--preload", "math", "--fronts", "2"]).wait()
+    tree = descendants(server.proc.pid)
+    server.proc.kill()
+    server.proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and [p for p in tree if os.path.exists(f"/proc/{p}")]:
+        time.sleep(0.2)
+    assert not [p for p in tree if os.path.exists(f"/proc/{p}")]
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", server.port))  # nobody holds it any more
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
+                    for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
 
 
 def test_a_stopped_server_leaves_no_cgroup_behind():

@@ -132,7 +132,7 @@ async def test_the_probe_runs_through_both_warm_interpreters():
         await pool.close()
 
 
-# ---- cgroup v2 layout for a server of several fronts (a temporary tree stands in for the mount) ----
+# ---- the cgroup v2 layout of a server (a temporary tree stands in for the mount) ----
 
 
 def _fake_v2(tmp_path, monkeypatch, procs: list[int], controllers: str = "cpu memory io"):
@@ -151,35 +151,26 @@ def _fake_v2(tmp_path, monkeypatch, procs: list[int], controllers: str = "cpu me
     return cgroup, here, stale
 
 
-def test_server_parent_prepares_the_fronts_directory_once(tmp_path, monkeypatch):
-    """The supervisor enables the controllers in its own cgroup and sweeps stale servers; each front
-    then makes its directory beneath it without touching the parent again."""
+def test_prepare_enables_memory_sweeps_stale_servers_and_makes_the_servers_directory(tmp_path, monkeypatch):
+    """The pool's process (the only one, however many fronts) enables the controllers its cgroup
+    offers, removes what a dead server of ours left, and makes its own directory for the slots."""
     cgroup, here, stale = _fake_v2(tmp_path, monkeypatch, [os.getpid()])
-    parent = cgroup.server_parent()
-    assert parent == str(here)
+    plan = cgroup.prepare(name=f"{cgroup.PREFIX}101")
+    base = here / f"{cgroup.PREFIX}101"
+    assert plan.version == 2 and plan.dirs == {"unified": str(base)}
     assert (here / "cgroup.subtree_control").read_text() == "+memory"  # pids absent here: memory only
+    assert (base / "cgroup.subtree_control").read_text() == "+memory"
     assert not stale.exists()
-    (here / "cgroup.subtree_control").write_text("memory\n")  # what the kernel shows afterwards
-    plans = [cgroup.prepare(name=f"{cgroup.PREFIX}{n}", parent=parent) for n in (101, 102)]
-    for plan, n in zip(plans, (101, 102), strict=True):
-        base = here / f"{cgroup.PREFIX}{n}"
-        assert plan.version == 2 and plan.dirs == {"unified": str(base)}
-        assert (base / "cgroup.subtree_control").read_text() == "+memory"
-    assert (here / "cgroup.subtree_control").read_text() == "memory\n"  # the fronts left it alone
 
 
-def test_server_parent_declines_a_cgroup_shared_with_other_processes(tmp_path, monkeypatch):
-    """Others live in the server's cgroup: moving the supervisor out would not empty it, so it
-    prepares nothing (None) and leaves the fronts to report why."""
-    cgroup, here, stale = _fake_v2(tmp_path, monkeypatch, [os.getpid(), 1])
-    assert cgroup.server_parent() is None
-    assert (here / "cgroup.subtree_control").read_text() == ""
-    assert stale.exists()
-
-
-def test_server_parent_needs_memory(tmp_path, monkeypatch):
+def test_prepare_needs_memory(tmp_path, monkeypatch):
     cgroup, here, _ = _fake_v2(tmp_path, monkeypatch, [os.getpid()], controllers="cpu io")
-    assert cgroup.server_parent() is None
+    monkeypatch.setattr(cgroup, "_prepare_v1", lambda *a: (_ for _ in ()).throw(cgroup.CgroupUnavailable("no v1")))
+    try:
+        cgroup.prepare(name=f"{cgroup.PREFIX}102")
+        raise AssertionError("should have refused")
+    except cgroup.CgroupUnavailable as exc:
+        assert "not memory" in str(exc) and "no v1" in str(exc)
 
 
 def test_cgroup_removal_waits_for_a_busy_slot(tmp_path, monkeypatch):
@@ -206,13 +197,67 @@ def test_cgroup_removal_waits_for_a_busy_slot(tmp_path, monkeypatch):
     assert (tmp_path / "stale" / "slot0").exists() and busy["left"] == 2
 
 
-def test_several_fronts_get_the_parent_their_supervisor_prepared(tmp_path, monkeypatch):
-    from recipe.retool.sandbox import cgroup
-    from recipe.retool.sandbox.server import fronts_config
+# ---- one pool behind several HTTP fronts (recipe.retool.sandbox.fronts) ----
 
-    calls = []
-    monkeypatch.setattr(cgroup, "server_parent", lambda: calls.append(1) or str(tmp_path))
-    config = SandboxConfig(workers=4)
-    assert fronts_config(config, 2).cgroup_parent == str(tmp_path) and calls == [1]
-    assert fronts_config(config, 1).cgroup_parent is None and calls == [1]  # one front prepares its own
-    assert fronts_config(SandboxConfig(workers=4, cgroups=False), 2).cgroup_parent is None and calls == [1]
+
+async def test_one_pool_serves_every_front_and_a_front_that_goes_away_gives_its_workers_back():
+    """All workers run the requests of whichever front has them (no front-local share), one queue
+    for all; a request whose client left quits the queue; a front's channel closing kills its runs."""
+    import socket
+    import time
+
+    from recipe.retool.sandbox.fronts import PoolService, RemotePool
+    from recipe.retool.sandbox.pool import Abandoned
+
+    pool = WorkerPool(SandboxConfig(workers=2, preload=["math"], warmup=False))
+    await pool.start()
+    service = PoolService(pool, 2)
+    channels = [socket.socketpair() for _ in range(2)]
+    ready = [asyncio.Event(), asyncio.Event()]
+    serving = [asyncio.create_task(service.serve(i, ch[0], ready[i])) for i, ch in enumerate(channels)]
+    lost: list[int] = []
+    fronts = [RemotePool(ch[1], on_lost=lambda i=i: lost.append(i)) for i, ch in enumerate(channels)]
+    try:
+        for i, front in enumerate(fronts):
+            await front.start()
+            await front.ready()
+            await asyncio.wait_for(ready[i].wait(), 10)
+            assert front.capabilities == pool.capabilities and front.cgroup_plan == pool.cgroup_plan
+        sleep = {"code": "import time; time.sleep(1.5); print(7)", "run_timeout": 10}
+        t = time.perf_counter()
+        outs = await asyncio.gather(fronts[0].run(sleep), fronts[0].run(sleep))
+        assert [o["run_result"]["stdout"] for o in outs] == ["7\n", "7\n"]
+        assert time.perf_counter() - t < 2.8  # side by side on both workers, not one after the other
+        report = await fronts[1].report()
+        assert report["requests_by_front"] == [2, 0] and report["stats"]["requests"] == 2
+        assert report["workers"] == report["live"] == 2 and report["status"] == "ok"
+
+        long = {"code": "import time; time.sleep(30)", "run_timeout": 60}
+        running = [asyncio.create_task(fronts[1].run(long)) for _ in range(2)]
+        while (await fronts[0].report())["idle"]:
+            await asyncio.sleep(0.05)
+        gone = asyncio.Event()
+        queued = asyncio.create_task(fronts[0].run({"code": "print(1)"}, gone))
+        while not (await fronts[0].report())["queued"]:
+            await asyncio.sleep(0.05)
+        gone.set()
+        try:
+            await asyncio.wait_for(queued, 10)
+            raise AssertionError("an abandoned request should leave the queue")
+        except Abandoned:
+            pass
+        assert (await fronts[0].report())["queued"] == 0
+
+        t = time.perf_counter()
+        await fronts[1].close()  # front 1's process is gone: its two 30 s runs are killed
+        out = await asyncio.wait_for(fronts[0].run({"code": "print(2)", "run_timeout": 5}), 20)
+        assert out["run_result"]["stdout"] == "2\n" and time.perf_counter() - t < 15
+        await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 10)
+        await asyncio.wait_for(serving[1], 10)
+        assert pool.health()["live"] == 2 and pool.stats["worker_restarts"] == 0  # killed runs, same workers
+        assert lost == [1]  # a front notices its own channel closing (the real one then stops)
+    finally:
+        for front in fronts:
+            await front.close()
+        await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 10)
+        await pool.close()

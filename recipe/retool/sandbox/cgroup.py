@@ -153,34 +153,10 @@ def _enable_v2(here: str, have: list[str]) -> str:
     return enable
 
 
-def server_parent() -> str | None:
-    """For a server of several front processes, before they are forked: make the server's own v2
-    cgroup hold the fronts' directories (this process moves into a leaf, the controllers are
-    enabled) and return it. None where v2 cannot; each front then tries on its own (v1 included)."""
-    try:
-        here, have = _v2_here(_mounts(), _own_paths())
-        with open(os.path.join(here, "cgroup.procs")) as fh:
-            others = [p for p in fh.read().split() if int(p) != os.getpid()]
-        if others:  # moving ourselves out would not empty it: leave the fronts to say so
-            raise CgroupUnavailable(f"other processes live in {here} ({len(others)})")
-        _enable_v2(here, have)
-        _sweep_stale(here)
-    except (CgroupUnavailable, OSError) as exc:
-        logger.info("cgroup v2 not prepared for the fronts: %s", exc)
-        return None
-    return here
-
-
-def _prepare_v2(mounts, own: dict[str, str], name: str, parent: str | None = None) -> CgroupPlan:
-    if parent is None:
-        here, have = _v2_here(mounts, own)
-        enable = _enable_v2(here, have)
-        _sweep_stale(here)
-    else:  # prepared by the server's supervisor (server_parent); a restarted front sweeps its predecessor
-        here = parent
-        _sweep_stale(here)
-        with open(os.path.join(here, "cgroup.subtree_control")) as fh:
-            enable = " ".join(f"+{c}" for c in fh.read().split() if c in CONTROLLERS)
+def _prepare_v2(mounts, own: dict[str, str], name: str) -> CgroupPlan:
+    here, have = _v2_here(mounts, own)
+    enable = _enable_v2(here, have)
+    _sweep_stale(here)
     base = os.path.join(here, name)
     os.makedirs(base, exist_ok=True)
     _write(os.path.join(base, "cgroup.subtree_control"), enable)
@@ -210,14 +186,12 @@ def _prepare_v1(mounts, own: dict[str, str], name: str) -> CgroupPlan:
     return CgroupPlan(1, dirs)
 
 
-def prepare(name: str | None = None, parent: str | None = None) -> CgroupPlan:
-    """Make this server's (or front's) cgroup directory (v2 when it has memory, else v1).
-    ``parent``: a v2 directory the supervisor prepared with :func:`server_parent`."""
+def prepare(name: str | None = None) -> CgroupPlan:
+    """Make this server's cgroup directory (v2 when it has memory, else v1)."""
     name = name or f"{PREFIX}{os.getpid()}"
     mounts, own = _mounts(), _own_paths()
     reasons = []
-    attempts = [lambda m, o, n: _prepare_v2(m, o, n, parent)] if parent else [_prepare_v2, _prepare_v1]
-    for attempt in attempts:
+    for attempt in (_prepare_v2, _prepare_v1):
         try:
             plan = attempt(mounts, own, name)
             logger.info("per-request budgets: cgroup v%d at %s", plan.version, plan.dirs)

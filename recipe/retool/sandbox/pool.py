@@ -49,8 +49,6 @@ class SandboxConfig:
     cgroups: bool = True  # per-request memory and pids budgets (required unless allow_unsafe)
     allow_unsafe: bool = False
     uid_base: int = 200_000  # slot i's children run as uid_base + i (root only)
-    slot_base: int = 0  # first slot number of this pool (several front processes share the uid range)
-    cgroup_parent: str | None = None  # v2 directory the server's supervisor prepared for its fronts' slots
     spawn_timeout: float = 120.0
     grace_s: float = 10.0  # beyond run_timeout before a silent worker is declared dead
     kill_grace_s: float = 5.0  # after SIGKILL, before a run that will not end makes its worker unhealthy
@@ -203,7 +201,7 @@ class _Worker:
             pass
 
 
-def _sandbox_error(message: str) -> dict[str, Any]:
+def sandbox_error(message: str) -> dict[str, Any]:
     return {"status": "SandboxError", "message": message, "run_result": None, "compile_result": None,
             "executor_pod_name": None, "files": {}}
 
@@ -235,10 +233,10 @@ class WorkerPool:
             from recipe.retool.sandbox import cgroup
 
             try:
-                self.cgroup_plan = cgroup.prepare(parent=self.config.cgroup_parent).as_dict()
+                self.cgroup_plan = cgroup.prepare().as_dict()
             except cgroup.CgroupUnavailable as exc:
                 self.cgroup_error = str(exc)
-        slots = [self.config.slot_base + i for i in range(self.config.workers)]
+        slots = list(range(self.config.workers))
         results = await asyncio.gather(*(self._checked_spawn(s) for s in slots), return_exceptions=True)
         workers = [r for r in results if isinstance(r, _Worker)]
         errors = [r for r in results if not isinstance(r, _Worker)]
@@ -353,7 +351,7 @@ class WorkerPool:
                                               "run_timeout": 30},
                                              30 + self.config.grace_s)
                 except WorkerDied as exc:
-                    resp = _sandbox_error(str(exc))
+                    resp = sandbox_error(str(exc))
                 probe = probe_failures(resp, caps, slot_cgroups(self.cgroup_plan, slot))
                 problems += [f"probe: {p}" for p in probe if f"probe: {p}" not in problems]
             worker.runs = 0
@@ -423,6 +421,15 @@ class WorkerPool:
                 "workers": self.config.workers, "live": live, "idle": len(self._idle),
                 "queued": len(self._waiters), "replacing": len(self._replacing), "problems": list(self.problems)}
 
+    def static_info(self) -> dict[str, Any]:
+        """What does not change while the pool serves (a front process gets it once)."""
+        return {"capabilities": self.capabilities, "preloaded": self.preloaded, "warm_rss_mb": self.warm_rss_mb,
+                "cgroup": self.cgroup_plan}
+
+    async def report(self) -> dict[str, Any]:
+        """``/health``'s body: liveness, the static facts and the cumulative statistics."""
+        return {**self.health(), **self.static_info(), "stats": dict(self.stats)}
+
     async def run(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> dict[str, Any]:
         """Run one request on an idle worker; the answer is always a response dict.
 
@@ -434,11 +441,11 @@ class WorkerPool:
         request.update(op="run", id=self._seq)
         queued = time.perf_counter()
         if not self._workers and self._spawn_error:
-            return _sandbox_error(f"no sandbox worker available: {self._spawn_error}")
+            return sandbox_error(f"no sandbox worker available: {self._spawn_error}")
         try:
             worker = await self._acquire(abandoned)
         except NoWorker as exc:
-            return _sandbox_error(str(exc))
+            return sandbox_error(str(exc))
         self.stats["queue_wait_ms_total"] += int((time.perf_counter() - queued) * 1000)
         sent = time.perf_counter()
         try:
@@ -447,7 +454,7 @@ class WorkerPool:
             logger.error("%s; replacing it", exc)
             self._replace(worker, str(exc))
             self.stats["SandboxError"] += 1
-            return _sandbox_error(str(exc))
+            return sandbox_error(str(exc))
         except asyncio.CancelledError:
             self._replace(worker, "a request was cancelled mid-run")  # its protocol is out of step now
             raise

@@ -5,8 +5,10 @@
 
 The listening socket is bound before anything else, so a busy port fails at once. ``--fronts N``
 runs N HTTP front processes on that one socket (the kernel hands each new connection to one of
-them), each with its own share of the workers: one Python process parses, validates and encodes
-every request, and on a many-core host that, not the workers, is the ceiling.
+them): one Python process that parses, validates and encodes every request would be the ceiling on
+a many-core host. The workers stay one pool with one queue, owned by the server's first process,
+which the fronts reach over Unix socket pairs (``fronts.py``): a request from any front runs on any
+idle worker, however unevenly the connections spread over the fronts.
 
 Access: with ``RETOOL_SANDBOX_TOKEN`` set in the server's environment every endpoint but
 ``/v1/ping`` needs ``Authorization: Bearer <token>`` (``--require-token`` refuses to start without
@@ -26,13 +28,12 @@ import hmac
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import sys
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -111,21 +112,24 @@ class _Guard:
         await self.app(scope, replay, send)
 
 
-def create_app(config: SandboxConfig | None = None, token: str | None = None,
-               on_ready: Callable[[], None] | None = None, front: int = 0) -> FastAPI:
+def create_app(config: SandboxConfig | None = None, token: str | None = None, front: int = 0,
+               pool: Any = None) -> FastAPI:
+    """The HTTP app. ``pool``: where runs go, a :class:`fronts.RemotePool` in a front of several;
+    by default a :class:`WorkerPool` of this process."""
     config = config or SandboxConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        pool = WorkerPool(config)
+        nonlocal pool
+        pool = pool or WorkerPool(config)
         try:
             await pool.start()
         except RuntimeError as exc:
             logger.error("%s", exc)
             raise
         app.state.pool = pool
-        if on_ready is not None:
-            on_ready()
+        if hasattr(pool, "ready"):
+            await pool.ready()
         try:
             yield
         finally:
@@ -171,9 +175,7 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        pool: WorkerPool = app.state.pool
-        body = {**pool.health(), "front": front, "capabilities": pool.capabilities, "preloaded": pool.preloaded,
-                "warm_rss_mb": pool.warm_rss_mb, "cgroup": pool.cgroup_plan, "stats": dict(pool.stats)}
+        body = {**await app.state.pool.report(), "front": front}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app
@@ -230,92 +232,89 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve_front(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str,
-                 on_ready: Callable[[], None] | None = None, front: int = 0) -> int:
+def serve_front(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str,
+                front: int = 0, pool: Any = None) -> int:
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(config, token, on_ready, front), log_level=log_level,
+    server = uvicorn.Server(uvicorn.Config(create_app(config, token, front, pool), log_level=log_level,
                                            access_log=False, timeout_keep_alive=75))
     server.run(sockets=[sock])
     return 0 if server.started else 1
 
 
-def split_workers(total: int, fronts: int) -> list[int]:
-    base, extra = divmod(total, fronts)
-    return [base + (1 if i < extra else 0) for i in range(fronts)]
+def _supervise(sock: socket.socket, config: SandboxConfig, log_level: str, fronts: int) -> int:
+    """Own the worker pool, start ``fronts`` front processes on the socket, serve them the pool;
+    restart a front that dies after it was ready."""
+    from recipe.retool.sandbox.fronts import PoolService, front_command
 
+    async def supervise() -> int:
+        pool = WorkerPool(config)
+        try:
+            await pool.start()
+        except RuntimeError as exc:
+            logger.error("%s", exc)
+            return 1
+        service = PoolService(pool, fronts)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        procs: dict[int, asyncio.subprocess.Process] = {}
+        ready = [asyncio.Event() for _ in range(fronts)]
+        failed = False
 
-def fronts_config(config: SandboxConfig, fronts: int) -> SandboxConfig:
-    """The config the front processes get. Several fronts share this process's cgroup: each making
-    its directory there would trip over the others ("no internal processes" in v2), so the cgroup v2
-    directory they share is prepared here, once (None where v2 cannot: each front then tries alone)."""
-    if config.isolate and config.cgroups and fronts > 1:
-        from recipe.retool.sandbox import cgroup
+        async def front(i: int) -> None:
+            nonlocal failed
+            while not stopping.is_set():
+                ours, theirs = socket.socketpair()
+                ready[i].clear()
+                try:
+                    procs[i] = await asyncio.create_subprocess_exec(
+                        *front_command(sock.fileno(), theirs.fileno(), i, config, log_level),
+                        pass_fds=(sock.fileno(), theirs.fileno()))
+                finally:
+                    theirs.close()
+                serving = asyncio.create_task(service.serve(i, ours, ready[i]))
+                code = await procs[i].wait()
+                await serving
+                if stopping.is_set():
+                    return
+                if not ready[i].is_set():
+                    logger.error("front %d exited before it was ready (status %d); stopping", i, code)
+                    failed = True
+                    stopping.set()
+                    return
+                logger.error("front %d exited (status %d); restarting it", i, code)
 
-        return replace(config, cgroup_parent=cgroup.server_parent())
-    return config
+        async def announce() -> None:
+            await asyncio.gather(*(r.wait() for r in ready))
+            logger.info("%d fronts ready over one pool of %d workers", fronts, config.workers)
 
+        tasks = [asyncio.create_task(front(i)) for i in range(fronts)]
+        announcing = asyncio.create_task(announce())
+        await stopping.wait()
+        announcing.cancel()
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.terminate()  # uvicorn finishes the requests in flight, which still need the pool
+        done, late = await asyncio.wait(tasks, timeout=15)
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+        if late:
+            await asyncio.wait(late, timeout=5)
+        await pool.close()
+        return 1 if failed else 0
 
-def _supervise(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str, fronts: int) -> int:
-    """Fork ``fronts`` front processes on one socket; restart one that dies after it was ready."""
-    shares = split_workers(config.workers, fronts)
-    config = fronts_config(config, fronts)
-    ready_r, ready_w = os.pipe()
-    children: dict[int, int] = {}  # pid → front index
-    ready: set[int] = set()
-    stopping = False
-
-    def start(i: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            os.close(ready_r)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            cfg = replace(config, workers=shares[i], slot_base=sum(shares[:i]))
-            code = 1
-            try:
-                code = _serve_front(sock, cfg, token, log_level, lambda: os.write(ready_w, bytes([i])), front=i)
-            finally:
-                os._exit(code)
-        children[pid] = i
-
-    def stop(*_: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for i in range(fronts):
-        start(i)
-    code = 0
-    while children:
-        r, _, _ = select.select([ready_r], [], [], 0.5)
-        if r:
-            for b in os.read(ready_r, 64):
-                ready.add(b)
-                if len(ready) == fronts:
-                    logger.info("%d fronts ready, %s workers", fronts, shares)
-        while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            i = children.pop(pid)
-            if stopping:
-                continue
-            if i not in ready:
-                logger.error("front %d exited before it was ready; stopping", i)
-                code = 1
-                stop()
-                continue
-            logger.error("front %d exited (status %d); restarting it", i, status)
-            ready.discard(i)
-            start(i)
-    return code
+    try:  # the fronts run on uvloop (uvicorn's choice where it is installed); so does the pool
+        import uvloop
+    except ImportError:
+        return asyncio.run(supervise())
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(supervise())
+    finally:
+        loop.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("listening on %s:%d (%d front%s), auth %s", args.host, args.port, fronts, "s" * (fronts > 1),
                 "bearer token" if token else "none")
     if fronts == 1:
-        return _serve_front(sock, config, token, args.log_level)
-    return _supervise(sock, config, token, args.log_level, fronts)
+        return serve_front(sock, config, token, args.log_level)
+    return _supervise(sock, config, args.log_level, fronts)
 
 
 def _check(config: SandboxConfig) -> int:

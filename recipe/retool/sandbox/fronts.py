@@ -1,0 +1,255 @@
+"""Several HTTP fronts over one pool of workers (``serve --fronts N``, N > 1).
+
+The server's first process owns every worker (one :class:`~recipe.retool.sandbox.pool.WorkerPool`,
+one FIFO queue) and serves it to each front process over a Unix socket pair of its own. A front parses
+and validates HTTP, forwards ``/run_code`` to the pool and encodes the answer; any front's request
+runs on any idle worker. (When each front owned a share of the workers, the uneven spread of
+keep-alive connections over the fronts left workers of one front idle while another front's requests
+queued: a third of the pool's throughput on a load bound by run time.)
+
+Frames on a channel: a 4-byte big-endian length, then JSON.
+
+- pool → front, first: ``{"hello": {capabilities, preloaded, warm_rss_mb, cgroup}}``
+- front → pool: ``{"op": "ready"}`` once it serves; ``{"op": "run", "rid": k, "request": {...}}``;
+  ``{"op": "abandon", "rid": k}`` when the client went away; ``{"op": "report", "rid": k}`` for ``/health``
+- pool → front: ``{"rid": k, "response": {...}}``, ``{"rid": k, "report": {...}}``, or
+  ``{"rid": k, "error": "queue_full" | "abandoned" | "failed", "message": "..."}``
+
+A front whose channel closes (the pool's process died) shuts itself down, so no front outlives the
+pool while holding the port. The front process is started by the server (``_supervise`` in
+``server.py``), not by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from recipe.retool.sandbox.pool import Abandoned, QueueFull, SandboxConfig, WorkerPool, sandbox_error
+
+logger = logging.getLogger(__name__)
+
+_LEN = struct.Struct(">I")
+
+
+def _frame(msg: dict[str, Any]) -> bytes:
+    body = json.dumps(msg).encode()
+    return _LEN.pack(len(body)) + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    header = await reader.readexactly(_LEN.size)
+    return json.loads(await reader.readexactly(_LEN.unpack(header)[0]))
+
+
+async def _open(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    # the default 64 KiB buffer limit only bounds readline(); readexactly() takes whole frames
+    return await asyncio.open_unix_connection(sock=sock, limit=2**20)
+
+
+class PoolService:
+    """The pool's side: answers each front's channel, counts the requests each front brought."""
+
+    def __init__(self, pool: WorkerPool, fronts: int):
+        self.pool = pool
+        self.requests_by_front = [0] * fronts
+
+    async def report(self) -> dict[str, Any]:
+        return {**await self.pool.report(), "requests_by_front": list(self.requests_by_front)}
+
+    async def serve(self, index: int, sock: socket.socket, ready: asyncio.Event) -> None:
+        """Answer front ``index`` until its channel closes; then its requests count as abandoned
+        (waiting ones leave the queue, running ones are killed)."""
+        reader, writer = await _open(sock)
+        pending: dict[int, asyncio.Event] = {}
+        tasks: set[asyncio.Task] = set()
+
+        async def send(msg: dict[str, Any]) -> None:
+            if writer.is_closing():
+                return
+            writer.write(_frame(msg))
+            try:
+                await writer.drain()
+            except ConnectionError:
+                pass
+
+        async def run(rid: int, request: dict[str, Any], abandoned: asyncio.Event) -> None:
+            try:
+                out = {"rid": rid, "response": await self.pool.run(request, abandoned)}
+                self.requests_by_front[index] += 1
+            except QueueFull as exc:
+                out = {"rid": rid, "error": "queue_full", "message": str(exc)}
+            except Abandoned as exc:
+                out = {"rid": rid, "error": "abandoned", "message": str(exc)}
+            except Exception as exc:  # a bug must answer the front, not leave its request hanging
+                logger.exception("request from front %d failed", index)
+                out = {"rid": rid, "error": "failed", "message": f"{type(exc).__name__}: {exc}"}
+            finally:
+                pending.pop(rid, None)
+            await send(out)
+
+        await send({"hello": self.pool.static_info()})
+        try:
+            while True:
+                msg = await _read_frame(reader)
+                op, rid = msg.get("op"), msg.get("rid")
+                if op == "run":
+                    pending[rid] = asyncio.Event()
+                    task = asyncio.create_task(run(rid, msg["request"], pending[rid]))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                elif op == "abandon":
+                    if rid in pending:
+                        pending[rid].set()
+                elif op == "report":
+                    await send({"rid": rid, "report": await self.report()})
+                elif op == "ready":
+                    ready.set()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            for event in pending.values():
+                event.set()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
+
+
+class PoolGone(ConnectionError):
+    """The channel to the pool closed: the server's first process is gone."""
+
+
+class RemotePool:
+    """The front's side: the parts of :class:`WorkerPool` the HTTP app uses, over the channel."""
+
+    def __init__(self, sock: socket.socket, on_lost: Callable[[], None] | None = None):
+        self._sock = sock
+        self._on_lost = on_lost
+        self._pending: dict[int, asyncio.Future] = {}
+        self._rid = 0
+        self._gone = False
+        self.capabilities: dict[str, Any] = {}
+        self.preloaded: list[str] = []
+        self.warm_rss_mb = 0
+        self.cgroup_plan: dict[str, Any] | None = None
+
+    async def start(self) -> None:
+        self._reader, self._writer = await _open(self._sock)
+        hello = (await _read_frame(self._reader))["hello"]
+        self.capabilities, self.preloaded = hello["capabilities"], hello["preloaded"]
+        self.warm_rss_mb, self.cgroup_plan = hello["warm_rss_mb"], hello["cgroup"]
+        self._reading = asyncio.create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                msg = await _read_frame(self._reader)
+                fut = self._pending.pop(msg.get("rid"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        self._gone = True
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(PoolGone("the sandbox's worker pool is gone"))
+        self._pending.clear()
+        if self._on_lost is not None:
+            self._on_lost()
+
+    async def _send(self, msg: dict[str, Any]) -> None:
+        if self._gone:
+            raise PoolGone("the sandbox's worker pool is gone")
+        self._writer.write(_frame(msg))
+        await self._writer.drain()
+
+    def _request(self, msg: dict[str, Any]) -> tuple[int, asyncio.Future]:
+        """Register a request (its answer resolves the future) and queue its frame."""
+        if self._gone:
+            raise PoolGone("the sandbox's worker pool is gone")
+        self._rid += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[self._rid] = fut
+        self._writer.write(_frame({**msg, "rid": self._rid}))
+        return self._rid, fut
+
+    async def ready(self) -> None:
+        await self._send({"op": "ready"})
+
+    async def report(self) -> dict[str, Any]:
+        _, fut = self._request({"op": "report"})
+        await self._writer.drain()
+        return (await fut)["report"]
+
+    async def run(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> dict[str, Any]:
+        """As :meth:`WorkerPool.run`: a response dict; :class:`QueueFull` or :class:`Abandoned`."""
+        try:
+            rid, fut = self._request({"op": "run", "request": request})
+        except PoolGone as exc:
+            return sandbox_error(str(exc))
+        try:
+            await self._writer.drain()
+            if abandoned is not None:
+                gone = asyncio.ensure_future(abandoned.wait())
+                try:
+                    await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    gone.cancel()
+                if not fut.done():
+                    await self._send({"op": "abandon", "rid": rid})
+            msg = await fut
+        except (PoolGone, ConnectionError) as exc:
+            return sandbox_error(f"the sandbox's worker pool is gone ({exc})")
+        except asyncio.CancelledError:
+            self._pending.pop(rid, None)
+            if not self._gone:
+                self._writer.write(_frame({"op": "abandon", "rid": rid}))  # its run is killed, or it leaves the queue
+            raise
+        if "response" in msg:
+            return msg["response"]
+        if msg["error"] == "queue_full":
+            raise QueueFull(msg["message"])
+        if msg["error"] == "abandoned":
+            raise Abandoned(msg["message"])
+        return sandbox_error(f"the worker pool failed on this request: {msg['message']}")
+
+    async def close(self) -> None:
+        if hasattr(self, "_writer"):
+            self._writer.close()
+
+
+def front_command(listen_fd: int, channel_fd: int, index: int, config: SandboxConfig, log_level: str) -> list[str]:
+    """How the server starts front ``index`` on the inherited listening socket and channel."""
+    cfg = {f.name: getattr(config, f.name) for f in fields(SandboxConfig)}
+    return [sys.executable, "-m", "recipe.retool.sandbox.fronts", str(listen_fd), str(channel_fd), str(index),
+            json.dumps(cfg), log_level]
+
+
+def main(argv: list[str]) -> int:
+    from recipe.retool.sandbox.server import TOKEN_ENV, serve_front
+
+    listen_fd, channel_fd, index = (int(a) for a in argv[:3])
+    config = SandboxConfig(**json.loads(argv[3]))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s front {index} %(name)s: %(message)s")
+    listen = socket.socket(fileno=listen_fd)
+    channel = socket.socket(fileno=channel_fd)
+    token = os.environ.get(TOKEN_ENV) or None
+
+    def lost() -> None:
+        logger.error("the channel to the worker pool closed; this front stops")
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful exit
+
+    return serve_front(listen, config, token, argv[4], front=index, pool=RemotePool(channel, on_lost=lost))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
