@@ -4,7 +4,9 @@
     python scripts/bench_sandbox.py --load 10000      # + the mixed load test (correctness, memory)
     python scripts/bench_sandbox.py --workers 32 --fronts 4 --clients 4 --load 10000   # a 16-core host
 
-One run, side by side, on (a) ``print(1+1)`` and (b) a sympy solve, at concurrency 1 and 64.
+One run, side by side, on (a) ``print(1+1)`` and (b) a sympy solve, at concurrency 1 and 64, and
+(c) a 50 ms sleep at concurrency 64, bound by run time, not CPU: its rate against every worker busy
+(workers / 50 ms) shows whether requests wait while workers idle.
 Prints requests/s, p50/p99 latency and our/baseline ratios. The baseline runs the same code
 with no isolation at all (``python -c``), so the ratio understates what isolation costs us. Under
 each row, where our requests spent their time (mean ms, from the pool's ``/health`` statistics):
@@ -38,7 +40,11 @@ SNIPPETS = {
     "print": ("print(1+1)", "2\n"),
     "sympy": ("import sympy as sp\nx, y = sp.symbols('x y')\n"
               "print(sp.solve([x**2 + y**2 - 25, x - y - 1], [x, y]))", "[(-3, -4), (4, 3)]\n"),
+    # bound by run time, not CPU: at best every worker busy, workers / SLEEP_S requests per second;
+    # how close we come measures the dispatch (a worker idle while a request waits shows here)
+    "sleep": ("import time\ntime.sleep(0.05)\nprint(1)", "1\n"),
 }
+SLEEP_S = 0.05
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -185,7 +191,7 @@ def format_stages(m: dict[str, float]) -> str:
     return line
 
 
-async def bench(url: str, quick: bool, clients: int = 1) -> None:
+async def bench(url: str, quick: bool, workers: int, clients: int = 1) -> None:
     # aiohttp as the driver: it costs the 2-core machine less CPU than httpx, so the figures
     # measure the server rather than the load generator
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128)) as session:
@@ -204,6 +210,7 @@ async def bench(url: str, quick: bool, clients: int = 1) -> None:
         plan = {  # (snippet, concurrency): (our requests, baseline requests)
             ("print", 1): (200, 30), ("print", 64): (2000, 200),
             ("sympy", 1): (100, 8), ("sympy", 64): (1000, 64),
+            ("sleep", 64): (800, 128),
         }
         print(f"{'snippet':8s} {'conc':>4s} | {'ours req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | "
               f"{'base req/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} | {'ratio':>6s} | host CPU busy (ours)")
@@ -225,6 +232,9 @@ async def bench(url: str, quick: bool, clients: int = 1) -> None:
                   f"{tp_b:10.1f} {pct(lat_b, .5)*1e3:8.1f} {pct(lat_b, .99)*1e3:8.1f} | {tp_o / tp_b:5.1f}x | {busy:6.0%} of {os.cpu_count()} cores")
             if stages:
                 print(format_stages(stages))
+            if name == "sleep":
+                ideal = min(conc, workers) / SLEEP_S
+                print(f"{'':14s}run-bound: {tp_o / ideal:.0%} of the pool's ideal ({min(conc, workers)} workers busy: {ideal:.0f} req/s)")
 
 
 LOAD_KINDS = {
@@ -328,7 +338,7 @@ def main() -> None:
         print(f"{os.cpu_count()} cores, {workers} sandbox workers, {fronts} HTTP fronts, python {sys.version.split()[0]}, "
               f"load average {os.getloadavg()[0]:.2f}")
         if not args.skip_bench:
-            asyncio.run(bench(url, args.quick, args.clients))
+            asyncio.run(bench(url, args.quick, workers, args.clients))
         if args.load:
             ok = asyncio.run(load_test(url, args.load, server_pid))
     finally:

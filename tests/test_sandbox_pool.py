@@ -220,7 +220,6 @@ async def test_one_pool_serves_every_front_and_a_front_that_goes_away_gives_its_
     try:
         for i, front in enumerate(fronts):
             await front.start()
-            await front.ready()
             await asyncio.wait_for(ready[i].wait(), 10)
             assert front.capabilities == pool.capabilities and front.cgroup_plan == pool.cgroup_plan
         sleep = {"code": "import time; time.sleep(1.5); print(7)", "run_timeout": 10}

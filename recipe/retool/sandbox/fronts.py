@@ -10,7 +10,7 @@ queued: a third of the pool's throughput on a load bound by run time.)
 Frames on a channel: a 4-byte big-endian length, then JSON.
 
 - pool → front, first: ``{"hello": {capabilities, preloaded, warm_rss_mb, cgroup}}``
-- front → pool: ``{"op": "ready"}`` once it serves; ``{"op": "run", "rid": k, "request": {...}}``;
+- front → pool: ``{"op": "ready"}`` after the hello; ``{"op": "run", "rid": k, "request": {...}}``;
   ``{"op": "abandon", "rid": k}`` when the client went away; ``{"op": "report", "rid": k}`` for ``/health``
 - pool → front: ``{"rid": k, "response": {...}}``, ``{"rid": k, "report": {...}}``, or
   ``{"rid": k, "error": "queue_full" | "abandoned" | "failed", "message": "..."}``
@@ -116,6 +116,8 @@ class PoolService:
                     ready.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except (ValueError, KeyError) as exc:  # a front that speaks nonsense is dropped (and restarted)
+            logger.error("front %d sent a malformed frame (%s); closing its channel", index, exc)
         finally:
             for event in pending.values():
                 event.set()
@@ -148,6 +150,7 @@ class RemotePool:
         self.capabilities, self.preloaded = hello["capabilities"], hello["preloaded"]
         self.warm_rss_mb, self.cgroup_plan = hello["warm_rss_mb"], hello["cgroup"]
         self._reading = asyncio.create_task(self._read_loop())
+        await self._send({"op": "ready"})  # the app serves once its start-up (this) is done
 
     async def _read_loop(self) -> None:
         try:
@@ -181,9 +184,6 @@ class RemotePool:
         self._pending[self._rid] = fut
         self._writer.write(_frame({**msg, "rid": self._rid}))
         return self._rid, fut
-
-    async def ready(self) -> None:
-        await self._send({"op": "ready"})
 
     async def report(self) -> dict[str, Any]:
         _, fut = self._request({"op": "report"})

@@ -128,8 +128,6 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None, fr
             logger.error("%s", exc)
             raise
         app.state.pool = pool
-        if hasattr(pool, "ready"):
-            await pool.ready()
         try:
             yield
         finally:
@@ -276,7 +274,7 @@ def _supervise(sock: socket.socket, config: SandboxConfig, log_level: str, front
                     theirs.close()
                 serving = asyncio.create_task(service.serve(i, ours, ready[i]))
                 code = await procs[i].wait()
-                await serving
+                await asyncio.gather(serving, return_exceptions=True)
                 if stopping.is_set():
                     return
                 if not ready[i].is_set():
