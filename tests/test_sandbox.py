@@ -865,6 +865,30 @@ def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
         sock.bind(("127.0.0.1", server.port))  # nobody holds it any more
 
 
+def test_only_the_fronts_hold_the_listening_socket():
+    """No worker (manager, zygote) holds the server's port: a run could otherwise accept() on it,
+    and a stopping server would keep accepting connections nobody serves."""
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    server = LocalSandbox(workers=2, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                          extra_args=["--preload", "math", "--fronts", "2"]).wait()
+    try:
+        assert run(server, "print(1)")["run_result"]["stdout"] == "1\n"
+        inode = next(line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[1].endswith(f":{server.port:04X}") and line.split()[3] == "0A")
+        holders = set()
+        for pid in [server.proc.pid, *descendants(server.proc.pid)]:
+            try:
+                links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            except OSError:
+                continue
+            if f"socket:[{inode}]" in links:
+                holders.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2].decode())
+        assert holders == {"recipe.retool.sandbox", "recipe.retool.sandbox.fronts"}, holders
+    finally:
+        server.stop()
+
+
 def descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:

@@ -207,7 +207,7 @@ async def test_one_pool_serves_every_front_and_a_front_that_goes_away_gives_its_
     import time
 
     from recipe.retool.sandbox.fronts import PoolService, RemotePool
-    from recipe.retool.sandbox.pool import Abandoned
+    from recipe.retool.sandbox.pool import Abandoned, PoolGone
 
     pool = WorkerPool(SandboxConfig(workers=2, preload=["math"], warmup=False))
     await pool.start()
@@ -255,6 +255,11 @@ async def test_one_pool_serves_every_front_and_a_front_that_goes_away_gives_its_
         await asyncio.wait_for(serving[1], 10)
         assert pool.health()["live"] == 2 and pool.stats["worker_restarts"] == 0  # killed runs, same workers
         assert lost == [1]  # a front notices its own channel closing (the real one then stops)
+        try:  # and answers what comes after as the pool being gone (HTTP 503, which clients retry)
+            await fronts[1].run({"code": "print(3)"})
+            raise AssertionError("a front without its pool should say so")
+        except PoolGone:
+            pass
     finally:
         for front in fronts:
             await front.close()

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from recipe.retool.sandbox.pool import Abandoned, QueueFull, SandboxConfig, WorkerPool, sandbox_error
+from recipe.retool.sandbox.pool import Abandoned, PoolGone, QueueFull, SandboxConfig, WorkerPool, sandbox_error
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class PoolService:
 
     async def report(self) -> dict[str, Any]:
         return {**await self.pool.report(), "requests_by_front": list(self.requests_by_front)}
+
+    async def _report(self, rid: int, send: Callable[[dict[str, Any]], Any]) -> None:
+        await send({"rid": rid, "report": await self.report()})
 
     async def serve(self, index: int, sock: socket.socket, ready: asyncio.Event) -> None:
         """Answer front ``index`` until its channel closes; then its requests count as abandoned
@@ -111,23 +114,21 @@ class PoolService:
                     if rid in pending:
                         pending[rid].set()
                 elif op == "report":
-                    await send({"rid": rid, "report": await self.report()})
+                    task = asyncio.create_task(self._report(rid, send))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
                 elif op == "ready":
                     ready.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        except (ValueError, KeyError) as exc:  # a front that speaks nonsense is dropped (and restarted)
-            logger.error("front %d sent a malformed frame (%s); closing its channel", index, exc)
+        except Exception as exc:  # a front that speaks nonsense is dropped (it stops, and is restarted)
+            logger.error("front %d sent a malformed frame (%s: %s); closing its channel", index, type(exc).__name__, exc)
         finally:
             for event in pending.values():
                 event.set()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             writer.close()
-
-
-class PoolGone(ConnectionError):
-    """The channel to the pool closed: the server's first process is gone."""
 
 
 class RemotePool:
@@ -161,6 +162,8 @@ class RemotePool:
                     fut.set_result(msg)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except Exception:  # a bug here must not leave requests waiting forever
+            logger.exception("reading from the worker pool failed")
         self._gone = True
         for fut in self._pending.values():
             if not fut.done():
@@ -191,11 +194,9 @@ class RemotePool:
         return (await fut)["report"]
 
     async def run(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> dict[str, Any]:
-        """As :meth:`WorkerPool.run`: a response dict; :class:`QueueFull` or :class:`Abandoned`."""
-        try:
-            rid, fut = self._request({"op": "run", "request": request})
-        except PoolGone as exc:
-            return sandbox_error(str(exc))
+        """As :meth:`WorkerPool.run`: a response dict; :class:`QueueFull` or :class:`Abandoned`, and
+        :class:`PoolGone` when the pool's process is gone."""
+        rid, fut = self._request({"op": "run", "request": request})
         try:
             await self._writer.drain()
             if abandoned is not None:
@@ -207,8 +208,10 @@ class RemotePool:
                 if not fut.done():
                     await self._send({"op": "abandon", "rid": rid})
             msg = await fut
-        except (PoolGone, ConnectionError) as exc:
-            return sandbox_error(f"the sandbox's worker pool is gone ({exc})")
+        except PoolGone:
+            raise
+        except ConnectionError as exc:
+            raise PoolGone(f"the sandbox's worker pool is gone ({type(exc).__name__})") from exc
         except asyncio.CancelledError:
             self._pending.pop(rid, None)
             if not self._gone:

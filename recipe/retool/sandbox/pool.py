@@ -145,6 +145,10 @@ class Abandoned(RuntimeError):
     """The client went away before its request got a worker."""
 
 
+class PoolGone(ConnectionError):
+    """A front's channel to the pool closed: the server's first process is gone (answered 503)."""
+
+
 class NoWorker(RuntimeError):
     """No worker is alive and replacing them keeps failing: waiting would be forever."""
 
@@ -204,6 +208,13 @@ class _Worker:
 def sandbox_error(message: str) -> dict[str, Any]:
     return {"status": "SandboxError", "message": message, "run_result": None, "compile_result": None,
             "executor_pod_name": None, "files": {}}
+
+
+def _close_pipes(proc: asyncio.subprocess.Process) -> None:
+    """Close an exited worker's pipes now, not when it is collected (perhaps after the loop closed)."""
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
 
 
 class WorkerPool:
@@ -373,9 +384,7 @@ class WorkerPool:
                 await asyncio.wait_for(worker.proc.wait(), 10)
             except asyncio.TimeoutError:
                 logger.warning("worker %d did not exit after SIGKILL", worker.slot)
-            transport = getattr(worker.proc, "_transport", None)
-            if transport is not None:
-                transport.close()
+            _close_pipes(worker.proc)
 
         task = asyncio.create_task(reap())
         self._reaping.add(task)
@@ -493,6 +502,7 @@ class WorkerPool:
                 await asyncio.wait_for(w.proc.wait(), 5)
             except asyncio.TimeoutError:
                 pass
+            _close_pipes(w.proc)
         self._workers.clear()
         if self._reaping:
             await asyncio.gather(*self._reaping, return_exceptions=True)

@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from recipe.retool.sandbox import isolation
 from recipe.retool.sandbox.api import RunCodeRequest, RunCodeResponse
-from recipe.retool.sandbox.pool import Abandoned, QueueFull, SandboxConfig, WorkerPool
+from recipe.retool.sandbox.pool import Abandoned, PoolGone, QueueFull, SandboxConfig, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None, fr
         watcher = asyncio.create_task(watch())
         try:
             resp = await app.state.pool.run(req.model_dump(), abandoned)
-        except QueueFull as exc:
+        except (QueueFull, PoolGone) as exc:
             return _error(503, str(exc), {"Retry-After": "1"})
         except Abandoned:
             return Response(status_code=499)  # nobody is listening any more
@@ -173,7 +173,10 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None, fr
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {**await app.state.pool.report(), "front": front}
+        try:
+            body = {**await app.state.pool.report(), "front": front}
+        except PoolGone as exc:
+            return _error(503, str(exc))
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app
@@ -226,8 +229,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    return sock  # not inheritable: only the fronts get it (pass_fds), never a worker
 
 
 def serve_front(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str,
@@ -241,22 +243,35 @@ def serve_front(sock: socket.socket, config: SandboxConfig, token: str | None, l
 
 
 def _supervise(sock: socket.socket, config: SandboxConfig, log_level: str, fronts: int) -> int:
-    """Own the worker pool, start ``fronts`` front processes on the socket, serve them the pool;
-    restart a front that dies after it was ready."""
+    """Own the worker pool, start ``fronts`` front processes on the socket and serve them the pool;
+    restart a front that dies after it was ready. SIGTERM (or SIGINT) stops: no new connections, the
+    requests in flight finish (as long as their runs take); a second signal ends them at once.
+
+    asyncio's own loop, not uvloop: this process spawns the sandbox workers, and uvloop's spawn
+    ignores ``close_fds`` (a descriptor made inheritable by mistake would reach every worker)."""
     from recipe.retool.sandbox.fronts import PoolService, front_command
 
     async def supervise() -> int:
+        stopping, forced = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            if stopping.is_set():
+                forced.set()
+            stopping.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
         pool = WorkerPool(config)
         try:
-            await pool.start()
+            await pool.start()  # a signal meanwhile is acted on once it is up: nothing is left half-started
         except RuntimeError as exc:
             logger.error("%s", exc)
             return 1
+        if stopping.is_set():
+            await pool.close()
+            return 0
         service = PoolService(pool, fronts)
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
         procs: dict[int, asyncio.subprocess.Process] = {}
         ready = [asyncio.Event() for _ in range(fronts)]
         failed = False
@@ -270,8 +285,16 @@ def _supervise(sock: socket.socket, config: SandboxConfig, log_level: str, front
                     procs[i] = await asyncio.create_subprocess_exec(
                         *front_command(sock.fileno(), theirs.fileno(), i, config, log_level),
                         pass_fds=(sock.fileno(), theirs.fileno()))
+                except OSError as exc:
+                    logger.error("cannot start front %d: %s; stopping", i, exc)
+                    ours.close()
+                    failed = True
+                    stopping.set()
+                    return
                 finally:
                     theirs.close()
+                if stopping.is_set():
+                    procs[i].terminate()  # the stop came while it was being started
                 serving = asyncio.create_task(service.serve(i, ours, ready[i]))
                 code = await procs[i].wait()
                 await asyncio.gather(serving, return_exceptions=True)
@@ -283,6 +306,7 @@ def _supervise(sock: socket.socket, config: SandboxConfig, log_level: str, front
                     stopping.set()
                     return
                 logger.error("front %d exited (status %d); restarting it", i, code)
+                await asyncio.sleep(1.0)
 
         async def announce() -> None:
             await asyncio.gather(*(r.wait() for r in ready))
@@ -292,27 +316,24 @@ def _supervise(sock: socket.socket, config: SandboxConfig, log_level: str, front
         announcing = asyncio.create_task(announce())
         await stopping.wait()
         announcing.cancel()
+        sock.close()  # once the fronts close theirs, the port refuses new connections instead of queueing them
         for proc in procs.values():
             if proc.returncode is None:
                 proc.terminate()  # uvicorn finishes the requests in flight, which still need the pool
-        done, late = await asyncio.wait(tasks, timeout=15)
-        for proc in procs.values():
-            if proc.returncode is None:
-                proc.kill()
-        if late:
-            await asyncio.wait(late, timeout=5)
+        everyone = asyncio.gather(*tasks)
+        drained = asyncio.ensure_future(forced.wait())
+        await asyncio.wait({everyone, drained}, return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        if not everyone.done():
+            logger.warning("second signal: ending the requests still in flight")
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.kill()
+            await everyone
         await pool.close()
         return 1 if failed else 0
 
-    try:  # the fronts run on uvloop (uvicorn's choice where it is installed); so does the pool
-        import uvloop
-    except ImportError:
-        return asyncio.run(supervise())
-    loop = uvloop.new_event_loop()
-    try:
-        return loop.run_until_complete(supervise())
-    finally:
-        loop.close()
+    return asyncio.run(supervise())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -776,6 +776,9 @@ def _seccomp_works() -> bool:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
+    # stdin, stdout and stderr are all a worker is given; anything else it inherited (an event loop's
+    # spawn that ignores close_fds, a descriptor left inheritable) is not for it, nor for its runs
+    os.closerange(3, min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20))
     proto_in, proto_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
