@@ -473,6 +473,14 @@ def python_lives_in_repo() -> bool:
     return any(os.path.realpath(p).startswith(str(REPO) + os.sep) for p in (sys.prefix, os.path.realpath(sys.executable)))
 
 
+def test_a_run_holds_only_its_stdio(sandbox_server):
+    """No descriptor of the worker, the server or another request reaches a run: fds 0-2 only."""
+    code = ("import os\nfds = []\nfor fd in range(256):\n    try:\n        os.fstat(fd)\n        fds.append(fd)\n"
+            "    except OSError:\n        pass\nprint(fds)")
+    body = run(sandbox_server, code)
+    assert body["run_result"]["stdout"] == "[0, 1, 2]\n", body
+
+
 def test_host_unix_sockets_and_host_paths_are_out_of_reach(sandbox_server):
     """Class 5: a world-writable pathname socket on the host (and an abstract one) must not answer."""
     import socket
