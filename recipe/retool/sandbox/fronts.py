@@ -66,9 +66,6 @@ class PoolService:
     async def report(self) -> dict[str, Any]:
         return {**await self.pool.report(), "requests_by_front": list(self.requests_by_front)}
 
-    async def _report(self, rid: int, send: Callable[[dict[str, Any]], Any]) -> None:
-        await send({"rid": rid, "report": await self.report()})
-
     async def serve(self, index: int, sock: socket.socket, ready: asyncio.Event) -> None:
         """Answer front ``index`` until its channel closes; then its requests count as abandoned
         (waiting ones leave the queue, running ones are killed)."""
@@ -100,6 +97,14 @@ class PoolService:
                 pending.pop(rid, None)
             await send(out)
 
+        async def report(rid: int) -> None:
+            await send({"rid": rid, "report": await self.report()})
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         await send({"hello": self.pool.static_info()})
         try:
             while True:
@@ -107,16 +112,12 @@ class PoolService:
                 op, rid = msg.get("op"), msg.get("rid")
                 if op == "run":
                     pending[rid] = asyncio.Event()
-                    task = asyncio.create_task(run(rid, msg["request"], pending[rid]))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    spawn(run(rid, msg["request"], pending[rid]))
                 elif op == "abandon":
                     if rid in pending:
                         pending[rid].set()
                 elif op == "report":
-                    task = asyncio.create_task(self._report(rid, send))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    spawn(report(rid))
                 elif op == "ready":
                     ready.set()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -176,7 +177,13 @@ class RemotePool:
         if self._gone:
             raise PoolGone("the sandbox's worker pool is gone")
         self._writer.write(_frame(msg))
-        await self._writer.drain()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise PoolGone(f"the sandbox's worker pool is gone ({type(exc).__name__})") from exc
 
     def _request(self, msg: dict[str, Any]) -> tuple[int, asyncio.Future]:
         """Register a request (its answer resolves the future) and queue its frame."""
@@ -190,7 +197,7 @@ class RemotePool:
 
     async def report(self) -> dict[str, Any]:
         _, fut = self._request({"op": "report"})
-        await self._writer.drain()
+        await self._drain()
         return (await fut)["report"]
 
     async def run(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> dict[str, Any]:
@@ -198,7 +205,7 @@ class RemotePool:
         :class:`PoolGone` when the pool's process is gone."""
         rid, fut = self._request({"op": "run", "request": request})
         try:
-            await self._writer.drain()
+            await self._drain()
             if abandoned is not None:
                 gone = asyncio.ensure_future(abandoned.wait())
                 try:
@@ -208,10 +215,6 @@ class RemotePool:
                 if not fut.done():
                     await self._send({"op": "abandon", "rid": rid})
             msg = await fut
-        except PoolGone:
-            raise
-        except ConnectionError as exc:
-            raise PoolGone(f"the sandbox's worker pool is gone ({type(exc).__name__})") from exc
         except asyncio.CancelledError:
             self._pending.pop(rid, None)
             if not self._gone:
