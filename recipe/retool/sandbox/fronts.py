@@ -7,12 +7,13 @@ runs on any idle worker. (When each front owned a share of the workers, the unev
 keep-alive connections over the fronts left workers of one front idle while another front's requests
 queued: 50–59% of the workers' capacity on a load bound by run time, against 87–88% with one pool.)
 
-Frames on a channel: a 4-byte big-endian length, then JSON.
+Frames on a channel: a 4-byte big-endian length and a JSON header, then a 4-byte length and a
+payload (empty but for responses, whose JSON the worker encoded: it passes through untouched).
 
 - pool → front, first: ``{"hello": {capabilities, preloaded, warm_rss_mb, cgroup}}``
 - front → pool: ``{"op": "ready"}`` after the hello; ``{"op": "run", "rid": k, "request": {...}}``;
   ``{"op": "abandon", "rid": k}`` when the client went away; ``{"op": "report", "rid": k}`` for ``/health``
-- pool → front: ``{"rid": k, "response": {...}}``, ``{"rid": k, "report": {...}}``, or
+- pool → front: ``{"rid": k, "response": true}`` with the response as payload, ``{"rid": k, "report": {...}}``, or
   ``{"rid": k, "error": "queue_full" | "abandoned" | "failed", "message": "..."}``
 
 A front whose channel closes (the pool's process died) shuts itself down, so no front outlives the
@@ -41,14 +42,17 @@ logger = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 
 
-def _frame(msg: dict[str, Any]) -> bytes:
-    body = json.dumps(msg).encode()
-    return _LEN.pack(len(body)) + body
+def _frame(msg: dict[str, Any], payload: bytes = b"") -> bytes:
+    header = json.dumps(msg).encode()
+    return b"".join((_LEN.pack(len(header)), header, _LEN.pack(len(payload)), payload))
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
-    header = await reader.readexactly(_LEN.size)
-    return json.loads(await reader.readexactly(_LEN.unpack(header)[0]))
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
+    async def part() -> bytes:
+        return await reader.readexactly(_LEN.unpack(await reader.readexactly(_LEN.size))[0])
+
+    msg = json.loads(await part())
+    return msg, await part()
 
 
 async def _open(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -73,18 +77,20 @@ class PoolService:
         pending: dict[int, asyncio.Event] = {}
         tasks: set[asyncio.Task] = set()
 
-        async def send(msg: dict[str, Any]) -> None:
+        async def send(msg: dict[str, Any], payload: bytes = b"") -> None:
             if writer.is_closing():
                 return
-            writer.write(_frame(msg))
+            writer.write(_frame(msg, payload))
             try:
                 await writer.drain()
             except ConnectionError:
                 pass
 
         async def run(rid: int, request: dict[str, Any], abandoned: asyncio.Event) -> None:
+            body = b""
             try:
-                out = {"rid": rid, "response": await self.pool.run(request, abandoned)}
+                body = await self.pool.run_encoded(request, abandoned)
+                out = {"rid": rid, "response": True}
                 self.requests_by_front[index] += 1
             except QueueFull as exc:
                 out = {"rid": rid, "error": "queue_full", "message": str(exc)}
@@ -95,7 +101,7 @@ class PoolService:
                 out = {"rid": rid, "error": "failed", "message": f"{type(exc).__name__}: {exc}"}
             finally:
                 pending.pop(rid, None)
-            await send(out)
+            await send(out, body)
 
         async def report(rid: int) -> None:
             await send({"rid": rid, "report": await self.report()})
@@ -108,7 +114,7 @@ class PoolService:
         await send({"hello": self.pool.static_info()})
         try:
             while True:
-                msg = await _read_frame(reader)
+                msg, _ = await _read_frame(reader)
                 op, rid = msg.get("op"), msg.get("rid")
                 if op == "run":
                     pending[rid] = asyncio.Event()
@@ -148,7 +154,7 @@ class RemotePool:
 
     async def start(self) -> None:
         self._reader, self._writer = await _open(self._sock)
-        hello = (await _read_frame(self._reader))["hello"]
+        hello = (await _read_frame(self._reader))[0]["hello"]
         self.capabilities, self.preloaded = hello["capabilities"], hello["preloaded"]
         self.warm_rss_mb, self.cgroup_plan = hello["warm_rss_mb"], hello["cgroup"]
         self._reading = asyncio.create_task(self._read_loop())
@@ -157,10 +163,10 @@ class RemotePool:
     async def _read_loop(self) -> None:
         try:
             while True:
-                msg = await _read_frame(self._reader)
+                msg, payload = await _read_frame(self._reader)
                 fut = self._pending.pop(msg.get("rid"), None)
                 if fut is not None and not fut.done():
-                    fut.set_result(msg)
+                    fut.set_result((msg, payload))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:  # a bug here must not leave requests waiting forever
@@ -198,11 +204,14 @@ class RemotePool:
     async def report(self) -> dict[str, Any]:
         _, fut = self._request({"op": "report"})
         await self._drain()
-        return (await fut)["report"]
+        return (await fut)[0]["report"]
 
     async def run(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> dict[str, Any]:
-        """As :meth:`WorkerPool.run`: a response dict; :class:`QueueFull` or :class:`Abandoned`, and
-        :class:`PoolGone` when the pool's process is gone."""
+        return json.loads(await self.run_encoded(request, abandoned))
+
+    async def run_encoded(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> bytes:
+        """As :meth:`WorkerPool.run_encoded`: the response's JSON; :class:`QueueFull` or
+        :class:`Abandoned`, and :class:`PoolGone` when the pool's process is gone."""
         rid, fut = self._request({"op": "run", "request": request})
         try:
             await self._drain()
@@ -214,19 +223,19 @@ class RemotePool:
                     gone.cancel()
                 if not fut.done():
                     await self._send({"op": "abandon", "rid": rid})
-            msg = await fut
+            msg, payload = await fut
         except asyncio.CancelledError:
             self._pending.pop(rid, None)
             if not self._gone:
                 self._writer.write(_frame({"op": "abandon", "rid": rid}))  # its run is killed, or it leaves the queue
             raise
-        if "response" in msg:
-            return msg["response"]
+        if msg.get("response"):
+            return payload
         if msg["error"] == "queue_full":
             raise QueueFull(msg["message"])
         if msg["error"] == "abandoned":
             raise Abandoned(msg["message"])
-        return sandbox_error(f"the worker pool failed on this request: {msg['message']}")
+        return json.dumps(sandbox_error(f"the worker pool failed on this request: {msg['message']}")).encode()
 
     async def close(self) -> None:
         if hasattr(self, "_writer"):

@@ -170,16 +170,22 @@ class _Worker:
         header = await self.proc.stdout.readexactly(_LEN.size)
         return await self.proc.stdout.readexactly(_LEN.unpack(header)[0])
 
-    async def call(self, msg: dict[str, Any], timeout: float, abandoned: asyncio.Event | None = None) -> dict[str, Any]:
-        """Send one request and wait for its answer; when ``abandoned`` is set first, ask the worker
-        to kill the run (its answer still comes, and keeps the protocol in step)."""
+    async def _reply(self) -> tuple[dict[str, Any], bytes]:
+        meta = json.loads(await self._read())
+        return meta, await self._read()
+
+    async def call(self, msg: dict[str, Any], timeout: float,
+                   abandoned: asyncio.Event | None = None) -> tuple[dict[str, Any], bytes]:
+        """Send one request and wait for its answer: the worker's note on it (``status``,
+        ``stages_us``, ``unhealthy``) and the response's JSON, as bytes. When ``abandoned`` is set
+        first, ask the worker to kill the run (its answer still comes, and keeps the protocol in step)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
             self._write(msg)
             assert self.proc.stdin is not None
             await self.proc.stdin.drain()
-            read = asyncio.ensure_future(self._read())
+            read = asyncio.ensure_future(self._reply())
             try:
                 if abandoned is not None:
                     gone = asyncio.ensure_future(abandoned.wait())
@@ -196,7 +202,7 @@ class _Worker:
         except asyncio.TimeoutError as exc:
             raise WorkerDied(f"worker {self.slot} did not answer within {timeout:.0f}s") from exc
         self.runs += 1
-        return json.loads(data)
+        return data
 
     def kill(self) -> None:
         try:
@@ -208,6 +214,10 @@ class _Worker:
 def sandbox_error(message: str) -> dict[str, Any]:
     return {"status": "SandboxError", "message": message, "run_result": None, "compile_result": None,
             "executor_pod_name": None, "files": {}}
+
+
+def _encoded_error(message: str) -> bytes:
+    return json.dumps(sandbox_error(message)).encode()
 
 
 def _close_pipes(proc: asyncio.subprocess.Process) -> None:
@@ -358,9 +368,10 @@ class WorkerPool:
             for code in probe_codes(self.config.preload):  # through each warm interpreter
                 try:
                     self._seq += 1
-                    resp = await worker.call({"op": "run", "id": f"probe{self._seq}", "probe": True, "code": code,
-                                              "run_timeout": 30},
-                                             30 + self.config.grace_s)
+                    _, body = await worker.call({"op": "run", "id": f"probe{self._seq}", "probe": True, "code": code,
+                                                 "run_timeout": 30},
+                                                30 + self.config.grace_s)
+                    resp = json.loads(body)
                 except WorkerDied as exc:
                     resp = sandbox_error(str(exc))
                 probe = probe_failures(resp, caps, slot_cgroups(self.cgroup_plan, slot))
@@ -444,31 +455,36 @@ class WorkerPool:
 
         Raises :class:`QueueFull` when too many wait already and :class:`Abandoned` when ``abandoned``
         is set before a worker was free; once running, ``abandoned`` kills the run."""
+        return json.loads(await self.run_encoded(request, abandoned))
+
+    async def run_encoded(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> bytes:
+        """As :meth:`run`, with the response as the worker encoded it (JSON bytes): what the HTTP
+        front sends on, so a large answer is not decoded and encoded again on its way."""
         request = dict(request)
         request["run_timeout"] = min(float(request.get("run_timeout") or 10.0), self.config.max_run_timeout)
         self._seq += 1
         request.update(op="run", id=self._seq)
         queued = time.perf_counter()
         if not self._workers and self._spawn_error:
-            return sandbox_error(f"no sandbox worker available: {self._spawn_error}")
+            return _encoded_error(f"no sandbox worker available: {self._spawn_error}")
         try:
             worker = await self._acquire(abandoned)
         except NoWorker as exc:
-            return sandbox_error(str(exc))
+            return _encoded_error(str(exc))
         self.stats["queue_wait_ms_total"] += int((time.perf_counter() - queued) * 1000)
         sent = time.perf_counter()
         try:
-            resp = await worker.call(request, request["run_timeout"] + self.config.grace_s, abandoned)
+            meta, body = await worker.call(request, request["run_timeout"] + self.config.grace_s, abandoned)
         except WorkerDied as exc:
             logger.error("%s; replacing it", exc)
             self._replace(worker, str(exc))
             self.stats["SandboxError"] += 1
-            return sandbox_error(str(exc))
+            return _encoded_error(str(exc))
         except asyncio.CancelledError:
             self._replace(worker, "a request was cancelled mid-run")  # its protocol is out of step now
             raise
-        self._count_stages(resp.pop("worker_stages_us", None) or {}, time.perf_counter() - sent)
-        unhealthy = resp.pop("worker_unhealthy", None)
+        self._count_stages(meta.get("stages_us") or {}, time.perf_counter() - sent)
+        unhealthy = meta.get("unhealthy")
         if unhealthy:
             logger.error("worker %d unhealthy after a request (%s); replacing it", worker.slot, unhealthy)
             self._replace(worker, unhealthy)
@@ -476,9 +492,9 @@ class WorkerPool:
             self._replace(worker, "recycled", problem=False)
         else:
             self._release(worker)
-        self.stats[resp.get("status", "?")] += 1
+        self.stats[meta.get("status") or "?"] += 1
         self.stats["requests"] += 1
-        return resp
+        return body
 
     def _count_stages(self, stages_us: dict[str, int], round_trip_s: float) -> None:
         """Totals (µs) of where requests spent their time, for /health: the worker's own stages

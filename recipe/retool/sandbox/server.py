@@ -158,14 +158,14 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None, fr
 
         watcher = asyncio.create_task(watch())
         try:
-            resp = await app.state.pool.run(req.model_dump(), abandoned)
+            body = await app.state.pool.run_encoded(req.model_dump(), abandoned)
         except (QueueFull, PoolGone) as exc:
             return _error(503, str(exc), {"Retry-After": "1"})
         except Abandoned:
             return Response(status_code=499)  # nobody is listening any more
         finally:
             watcher.cancel()
-        return JSONResponse(resp)
+        return Response(body, media_type="application/json")  # the worker's JSON, not decoded here
 
     @app.get("/v1/ping")
     async def ping() -> PlainTextResponse:

@@ -92,9 +92,9 @@ def recv(fd: int) -> dict[str, Any]:
     return json.loads(_read_exact(fd, n))
 
 
-def send(fd: int, msg: dict[str, Any]) -> None:
-    body = json.dumps(msg).encode()
-    data = _LEN.pack(len(body)) + body
+def send(fd: int, *msgs: dict[str, Any]) -> None:
+    """Length-prefixed JSON frames, written together."""
+    data = b"".join(_LEN.pack(len(body)) + body for body in (json.dumps(m).encode() for m in msgs))
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -846,10 +846,11 @@ def main() -> None:
         except Exception as exc:  # a bug here must not take the worker down silently
             unhealthy = f"{type(exc).__name__}: {exc}"
             resp = {"status": "SandboxError", "message": f"worker error: {unhealthy}"}
+        # the pool reads the small first frame; the response itself goes on to the client untouched
+        meta = {"status": resp.get("status"), "stages_us": manager.stages.durations_us()}
         if unhealthy:
-            resp["worker_unhealthy"] = unhealthy
-        resp["worker_stages_us"] = manager.stages.durations_us()
-        send(proto_out, resp)
+            meta["unhealthy"] = unhealthy
+        send(proto_out, meta, resp)
         if unhealthy or manager.runs >= cfg["recycle_after"]:
             break
 
