@@ -473,6 +473,21 @@ def python_lives_in_repo() -> bool:
     return any(os.path.realpath(p).startswith(str(REPO) + os.sep) for p in (sys.prefix, os.path.realpath(sys.executable)))
 
 
+def test_the_answer_is_the_workers_json_passed_through(sandbox_server):
+    """The HTTP body is the JSON the worker encoded (not decoded and re-encoded on the way): valid,
+    complete, non-ASCII output and fetched bytes intact, the pool's bookkeeping kept out of it."""
+    import base64
+    import json
+
+    code = "print('π ≈ 3.14159, 非')\nopen('out.bin', 'wb').write(bytes(range(256)) * 64)"
+    resp = httpx.post(sandbox_server.url + "/run_code", json={"code": code, "fetch_files": ["out.bin"]}, timeout=60)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    body = json.loads(resp.content)
+    assert body["run_result"]["stdout"] == "π ≈ 3.14159, 非\n"
+    assert base64.b64decode(body["files"]["out.bin"]) == bytes(range(256)) * 64
+    assert set(body) == {"status", "message", "compile_result", "run_result", "executor_pod_name", "files"}
+
+
 def test_a_run_holds_only_its_stdio(sandbox_server):
     """No descriptor of the worker, the server or another request reaches a run: fds 0-2 only."""
     code = ("import os\nfds = []\nfor fd in range(256):\n    try:\n        os.fstat(fd)\n        fds.append(fd)\n"
