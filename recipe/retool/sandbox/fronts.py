@@ -32,7 +32,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict
 from typing import Any
 
 from recipe.retool.sandbox.pool import Abandoned, PoolGone, QueueFull, SandboxConfig, WorkerPool, sandbox_error
@@ -244,9 +244,8 @@ class RemotePool:
 
 def front_command(listen_fd: int, channel_fd: int, index: int, config: SandboxConfig, log_level: str) -> list[str]:
     """How the server starts front ``index`` on the inherited listening socket and channel."""
-    cfg = {f.name: getattr(config, f.name) for f in fields(SandboxConfig)}
     return [sys.executable, "-m", "recipe.retool.sandbox.fronts", str(listen_fd), str(channel_fd), str(index),
-            json.dumps(cfg), log_level]
+            json.dumps(asdict(config)), log_level]
 
 
 def main(argv: list[str]) -> int:

@@ -338,6 +338,8 @@ def _supervise(sock: socket.socket, config: SandboxConfig, log_level: str, front
     try:
         import uvloop
     except ImportError:
+        uvloop = None
+    if uvloop is None or not hasattr(uvloop, "run"):  # uvloop.run: 0.18 and later
         return asyncio.run(supervise())
     return uvloop.run(supervise())
 
