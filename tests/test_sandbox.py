@@ -230,7 +230,8 @@ def test_sandbox_uses_warm_preloaded_modules(sandbox_server):
 
 def test_health_reports_where_request_time_goes(sandbox_server):
     """The pool's statistics split each request's worker round trip into the worker's stages
-    (scripts/bench_sandbox.py prints them); the per-request timings stay out of the response."""
+    (scripts/bench_sandbox.py prints them). That the timings stay out of the response is checked by
+    test_the_answer_is_the_workers_json_passed_through (the answer's exact key set)."""
     def stats() -> dict:
         return httpx.get(sandbox_server.url + "/health").json()["stats"]
 
@@ -240,7 +241,7 @@ def test_health_reports_where_request_time_goes(sandbox_server):
     before = stats()
     res = run(sandbox_server, "import time\ntime.sleep(0.25)\nprint('ok')")
     after = stats()
-    assert res["run_result"]["stdout"] == "ok\n" and "worker_stages_us" not in res
+    assert res["run_result"]["stdout"] == "ok\n"
     assert delta("timed_requests") == 1
     stages = {s: delta(f"stage_{s}_us_total") for s in ("prepare", "limits", "fork", "run", "run_end", "cleanup")}
     assert 250_000 <= stages["run"] < 5_000_000  # the sleep runs inside the `run` stage
