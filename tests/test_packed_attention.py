@@ -76,11 +76,13 @@ def _qkv(length: int, heads: int = 6, kv_heads: int = 2, dim: int = 16, dtype=to
     return [torch.randn(1, h, length, dim, generator=g).to(dtype).requires_grad_() for h in (heads, kv_heads, kv_heads)]
 
 
-def test_single_sequence_sdpa_path_matches_the_reference_in_values_and_gradients():
-    """The path a one-sequence pack takes on a GPU (SDPA, cuDNN first): grouped-query heads repeated
-    correctly, causal, the (1, len, heads, dim) layout transformers expects back."""
+@pytest.mark.parametrize("gqa", [False, True])
+def test_single_sequence_sdpa_path_matches_the_reference_in_values_and_gradients(gqa):
+    """The path a one-sequence pack takes on a GPU (SDPA, cuDNN first), with the key/value heads
+    repeated or passed grouped (``gqa``): each query head meets its group's key/value head, causal,
+    the (1, len, heads, dim) layout transformers expects back."""
     q, k, v = _qkv(37)
-    out = packed_attention._one_sequence_sdpa(q, k, v, 0.3)
+    out = packed_attention._one_sequence_sdpa(q, k, v, 0.3, gqa=gqa)
     ref = packed_attention._per_sequence_sdpa(*(t[0].transpose(0, 1) for t in (q, k, v)), torch.tensor([0, 37]), 0.3)
     assert out.shape == (1, 37, 6, 16)
     torch.testing.assert_close(out[0], ref)
@@ -95,19 +97,22 @@ def test_single_sequence_sdpa_path_matches_the_reference_in_values_and_gradients
 
 @pytest.mark.parametrize(("lengths", "env", "hopper", "expected"), [
     ([12], None, True, "one_sequence"), ([12], "1", True, "one_sequence"), ([12], "0", True, "varlen"),
+    ([12], "gqa", True, "one_sequence_gqa"), ([5, 7], "gqa", True, "varlen"),
     ([5, 7], None, True, "varlen"), ([12], None, False, "varlen"),
     ([(12, 40)], None, True, "one_sequence"),  # a lone sequence whose positions start at 40 (a continued chunk)
 ])
 def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, hopper, expected):
-    """On a Hopper GPU a one-sequence pack goes to SDPA (cuDNN first) unless RETOOL_PACKED_CUDNN=0;
-    packs of several sequences, and every pack on other GPUs (where cuDNN's kernel was not measured
-    faster), go to the varlen kernel. The kernels are replaced by the CPU reference here."""
+    """On a Hopper GPU a one-sequence pack goes to SDPA (cuDNN first) unless RETOOL_PACKED_CUDNN=0,
+    with its grouped key/value heads as they are under RETOOL_PACKED_CUDNN=gqa; packs of several
+    sequences, and every pack on other GPUs (where cuDNN's kernel was not measured faster), go to the
+    varlen kernel. The kernels are replaced by the CPU reference here."""
     calls = []
     one, per = packed_attention._one_sequence_sdpa, packed_attention._per_sequence_sdpa
     monkeypatch.setattr(packed_attention, "_on_gpu", lambda t: True)
     monkeypatch.setattr(packed_attention, "_cudnn_preferred", lambda device: hopper)
     monkeypatch.setattr(packed_attention, "varlen_attn", object())
-    monkeypatch.setattr(packed_attention, "_one_sequence_sdpa", lambda *a: calls.append("one_sequence") or one(*a))
+    monkeypatch.setattr(packed_attention, "_one_sequence_sdpa",
+                        lambda *a, gqa: calls.append("one_sequence" + "_gqa" * gqa) or one(*a, gqa=gqa))
     monkeypatch.setattr(packed_attention, "_varlen", lambda q, k, v, cu, m, s: calls.append("varlen") or per(q, k, v, cu, s))
     if env is None:
         monkeypatch.delenv(CUDNN_ENV, raising=False)
@@ -126,7 +131,7 @@ def test_which_kernel_a_pack_gets_on_a_gpu(monkeypatch, lengths, env, hopper, ex
 def test_fp32_on_a_gpu_goes_per_sequence(monkeypatch):
     """The flash and cuDNN kernels refuse fp32 ("FlashAttention only support fp16 and bf16"): an fp32
     numerics run on CUDA attends per sequence instead of failing at the first step."""
-    def refuse(*a):
+    def refuse(*a, **kw):
         raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
     monkeypatch.setattr(packed_attention, "_on_gpu", lambda t: True)
     monkeypatch.setattr(packed_attention, "_cudnn_preferred", lambda device: True)

@@ -44,17 +44,23 @@ ULYSSES_KEYS = {"sft": ("engine.ulysses_sequence_parallel_size",),
                 "grpo": ("actor_rollout_ref.actor.ulysses_sequence_parallel_size",
                          "actor_rollout_ref.ref.ulysses_sequence_parallel_size")}
 PACKED_LIB = "recipe.retool.packed_attention"
-# retool_packed on a Hopper GPU: a pack of one sequence goes to cuDNN's attention kernel unless "0"
+# retool_packed on a Hopper GPU: a pack of one sequence goes to cuDNN's attention kernel unless "0";
+# "gqa" hands cuDNN the grouped key/value heads as they are instead of repeated to the query heads
 CUDNN_ENV = "RETOOL_PACKED_CUDNN"
+_CUDNN_VALUES = {"1": "repeat", "true": "repeat", "on": "repeat", "0": "off", "false": "off", "off": "off", "gqa": "gqa"}
 
 
-def cudnn_for_single_sequences() -> bool:
-    """``RETOOL_PACKED_CUDNN`` (default on): whether ``retool_packed`` may send a one-sequence pack to
-    cuDNN's kernel. The trainer's launch checks it, so that a bad value fails before any worker starts."""
+def cudnn_single_sequence_mode() -> str:
+    """``RETOOL_PACKED_CUDNN``: how ``retool_packed`` treats a one-sequence pack on Hopper. ``repeat``
+    (default, values 1/true/on): cuDNN's kernel with the key/value heads repeated to the query heads;
+    ``gqa``: cuDNN's kernel with SDPA's ``enable_gqa`` (no copies); ``off`` (0/false/off): the varlen
+    flash kernel like every other pack. The trainer's launch checks it, so that a bad value fails
+    before any worker starts."""
     value = os.environ.get(CUDNN_ENV, "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "off", "on"):
-        raise ValueError(f"{CUDNN_ENV}={value!r}: expected 1 (cuDNN for one-sequence packs on Hopper, the default) or 0")
-    return value in ("1", "true", "on")
+    if value not in _CUDNN_VALUES:
+        raise ValueError(f"{CUDNN_ENV}={value!r}: expected 1 (cuDNN for one-sequence packs on Hopper, the default), "
+                         "gqa (the same with grouped key/value heads passed as they are) or 0")
+    return _CUDNN_VALUES[value]
 
 
 @dataclass(frozen=True)

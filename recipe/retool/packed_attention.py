@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from recipe.retool import verl_perf  # noqa: F401  (the recipe's default external lib, kept when this one replaces it)
-from recipe.retool.attention import cudnn_for_single_sequences
+from recipe.retool.attention import cudnn_single_sequence_mode
 
 NAME = "retool_packed"
 
@@ -126,18 +126,20 @@ def _cudnn_preferred(device: torch.device) -> bool:
 
 
 def _one_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       scale: float | None) -> torch.Tensor:
+                       scale: float | None, gqa: bool = False) -> torch.Tensor:
     """(1, heads, len, dim) in, (1, len, heads, dim) out: one causal sequence through SDPA, cuDNN's
     kernel first, then flash. Grouped-query heads are repeated (2 x len x heads x dim copied), the form
-    measured in the trainer; SDPA's ``enable_gqa`` also reaches cuDNN in PyTorch 2.11 and was 8% faster
-    on the kernel alone at 16k (``scripts/bench_attention.py``), not yet measured in the trainer."""
+    measured in the trainer, unless ``gqa``: then SDPA's ``enable_gqa`` passes them as they are (also
+    cuDNN's kernel in PyTorch 2.11, 8% faster on the kernel alone at 16k, ``scripts/bench_attention.py``)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if key.shape[1] != query.shape[1]:
+    grouped = key.shape[1] != query.shape[1]
+    if grouped and not gqa:
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                             enable_gqa=grouped and gqa)
     return out.transpose(1, 2).contiguous()
 
 
@@ -174,8 +176,10 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     cu, max_len = _boundaries_cached(position_ids)
     # the fast kernels take half precision only; fp32 compute (a numerics check) goes per sequence
     fast = _on_gpu(query) and query.dtype in (torch.float16, torch.bfloat16)
-    if fast and cu.numel() == 2 and length > 1 and cudnn_for_single_sequences() and _cudnn_preferred(query.device):
-        return _one_sequence_sdpa(query, key, value, scaling), None
+    if fast and cu.numel() == 2 and length > 1 and _cudnn_preferred(query.device):
+        mode = cudnn_single_sequence_mode()
+        if mode != "off":
+            return _one_sequence_sdpa(query, key, value, scaling, gqa=mode == "gqa"), None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     if fast and varlen_attn is not None:
         out = _varlen(q, k, v, cu.to(q.device), max_len, scaling)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
-from recipe.retool.attention import cudnn_for_single_sequences
+from recipe.retool.attention import cudnn_single_sequence_mode
 from recipe.retool.attention import resolve as resolve_attention
 from recipe.retool.config_check import (
     EXTENSION_KEYS,
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({config_name}, verl {_verl_version()}):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     try:
-        cudnn_for_single_sequences()  # read by retool_packed in every worker: a bad value fails here, not there
+        cudnn_single_sequence_mode()  # read by retool_packed in every worker: a bad value fails here, not there
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
