@@ -265,3 +265,52 @@ async def test_one_pool_serves_every_front_and_a_front_that_goes_away_gives_its_
             await front.close()
         await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 10)
         await pool.close()
+
+
+async def test_the_pools_process_passes_a_request_and_its_answer_through_as_bytes(monkeypatch):
+    """Behind several fronts, a run's request (validated and encoded by its front) and its answer
+    (encoded by the worker) cross the pool's process as bytes: a 2 MiB file in and out is never
+    decoded or encoded there, so one large request does not hold up the pool's other requests."""
+    import base64
+    import json
+    import socket
+    import types
+
+    from recipe.retool.sandbox import fronts as fronts_mod
+    from recipe.retool.sandbox import pool as pool_mod
+    from recipe.retool.sandbox.fronts import PoolService, RemotePool
+
+    seen: list[int] = []  # sizes of what the pool's and the fronts' modules encode and decode
+
+    def recording(fn, size):
+        return lambda obj, *a, **k: (seen.append(size(obj)), fn(obj, *a, **k))[1]
+
+    spy = types.SimpleNamespace(dumps=recording(json.dumps, lambda o: len(json.dumps(o))),
+                                loads=recording(json.loads, len))
+    data = os.urandom(2 * 2**20)
+    request = {"code": "import shutil; shutil.copy('in.bin', 'out.bin')", "run_timeout": 10,
+               "files": {"in.bin": base64.b64encode(data).decode()}, "fetch_files": ["out.bin"]}
+    body = json.dumps(request).encode()
+    pool = WorkerPool(SandboxConfig(workers=1, preload=["math"], warmup=False))
+    await pool.start()
+    service = PoolService(pool, 1)
+    pool_side, front_side = socket.socketpair()
+    ready = asyncio.Event()
+    serving = asyncio.create_task(service.serve(0, pool_side, ready))
+    front = RemotePool(front_side, on_lost=lambda: None)
+    try:
+        await front.start()
+        await asyncio.wait_for(ready.wait(), 10)
+        monkeypatch.setattr(fronts_mod, "json", spy)
+        monkeypatch.setattr(pool_mod, "json", spy)
+        answer = await asyncio.wait_for(front.run_encoded(body, request["run_timeout"]), 60)
+        monkeypatch.undo()
+        resp = json.loads(answer)
+        assert resp["status"] == "Success", resp
+        assert base64.b64decode(resp["files"]["out.bin"]) == data
+        assert seen and max(seen) < 4096, f"a body was encoded or decoded on its way: {max(seen)} bytes"
+    finally:
+        monkeypatch.undo()
+        await front.close()
+        await asyncio.wait_for(serving, 10)
+        await pool.close()

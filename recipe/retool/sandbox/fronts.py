@@ -8,10 +8,11 @@ keep-alive connections over the fronts left workers of one front idle while anot
 queued: 50–59% of the workers' capacity on a load bound by run time, against 87–88% with one pool.)
 
 Frames on a channel: a 4-byte big-endian length and a JSON header, then a 4-byte length and a
-payload (empty but for responses, whose JSON the worker encoded: it passes through untouched).
+payload (empty but for runs and responses: the request's JSON as the front encoded it, the
+response's as the worker did; the pool's process passes both through untouched).
 
 - pool → front, first: ``{"hello": {capabilities, preloaded, warm_rss_mb, cgroup}}``
-- front → pool: ``{"op": "ready"}`` after the hello; ``{"op": "run", "rid": k, "request": {...}}``;
+- front → pool: ``{"op": "ready"}`` after the hello; ``{"op": "run", "rid": k, "run_timeout": t}`` with the request as payload;
   ``{"op": "abandon", "rid": k}`` when the client went away; ``{"op": "report", "rid": k}`` for ``/health``
 - pool → front: ``{"rid": k, "response": true}`` with the response as payload, ``{"rid": k, "report": {...}}``, or
   ``{"rid": k, "error": "queue_full" | "abandoned" | "failed", "message": "..."}``
@@ -86,10 +87,10 @@ class PoolService:
             except ConnectionError:
                 pass
 
-        async def run(rid: int, request: dict[str, Any], abandoned: asyncio.Event) -> None:
+        async def run(rid: int, request: bytes, run_timeout: float | None, abandoned: asyncio.Event) -> None:
             body = b""
             try:
-                body = await self.pool.run_encoded(request, abandoned)
+                body = await self.pool.run_encoded(request, run_timeout, abandoned)
                 out = {"rid": rid, "response": True}
                 self.requests_by_front[index] += 1
             except QueueFull as exc:
@@ -114,11 +115,11 @@ class PoolService:
         await send({"hello": self.pool.static_info()})
         try:
             while True:
-                msg, _ = await _read_frame(reader)
+                msg, payload = await _read_frame(reader)
                 op, rid = msg.get("op"), msg.get("rid")
                 if op == "run":
                     pending[rid] = asyncio.Event()
-                    spawn(run(rid, msg["request"], pending[rid]))
+                    spawn(run(rid, payload, msg.get("run_timeout"), pending[rid]))
                 elif op == "abandon":
                     if rid in pending:
                         pending[rid].set()
@@ -191,14 +192,14 @@ class RemotePool:
         except ConnectionError as exc:
             raise PoolGone(f"the sandbox's worker pool is gone ({type(exc).__name__})") from exc
 
-    def _request(self, msg: dict[str, Any]) -> tuple[int, asyncio.Future]:
+    def _request(self, msg: dict[str, Any], payload: bytes = b"") -> tuple[int, asyncio.Future]:
         """Register a request (its answer resolves the future) and queue its frame."""
         if self._gone:
             raise PoolGone("the sandbox's worker pool is gone")
         self._rid += 1
         fut = asyncio.get_running_loop().create_future()
         self._pending[self._rid] = fut
-        self._writer.write(_frame({**msg, "rid": self._rid}))
+        self._writer.write(_frame({**msg, "rid": self._rid}, payload))
         return self._rid, fut
 
     async def report(self) -> dict[str, Any]:
@@ -207,12 +208,13 @@ class RemotePool:
         return (await fut)[0]["report"]
 
     async def run(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> dict[str, Any]:
-        return json.loads(await self.run_encoded(request, abandoned))
+        return json.loads(await self.run_encoded(json.dumps(request).encode(), request.get("run_timeout"), abandoned))
 
-    async def run_encoded(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> bytes:
-        """As :meth:`WorkerPool.run_encoded`: the response's JSON; :class:`QueueFull` or
-        :class:`Abandoned`, and :class:`PoolGone` when the pool's process is gone."""
-        rid, fut = self._request({"op": "run", "request": request})
+    async def run_encoded(self, body: bytes, run_timeout: float | None,
+                          abandoned: asyncio.Event | None = None) -> bytes:
+        """As :meth:`WorkerPool.run_encoded`: the request's JSON in, the response's out;
+        :class:`QueueFull` or :class:`Abandoned`, and :class:`PoolGone` when the pool's process is gone."""
+        rid, fut = self._request({"op": "run", "run_timeout": run_timeout}, body)
         try:
             await self._drain()
             if abandoned is not None:

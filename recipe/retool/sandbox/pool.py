@@ -160,10 +160,12 @@ class _Worker:
         self.info = info
         self.runs = 0
 
-    def _write(self, msg: dict[str, Any]) -> None:
+    def _write(self, msg: dict[str, Any], body: bytes | None = None) -> None:
+        """A frame of ``msg``; with ``body`` (a run's request, JSON), a second frame of it, as given."""
         assert self.proc.stdin is not None
-        body = json.dumps(msg).encode()
-        self.proc.stdin.write(_LEN.pack(len(body)) + body)
+        header = json.dumps(msg).encode()
+        frames = [_LEN.pack(len(header)), header] + ([] if body is None else [_LEN.pack(len(body)), body])
+        self.proc.stdin.write(b"".join(frames))
 
     async def _read(self) -> bytes:
         assert self.proc.stdout is not None
@@ -174,15 +176,17 @@ class _Worker:
         meta = json.loads(await self._read())
         return meta, await self._read()
 
-    async def call(self, msg: dict[str, Any], timeout: float,
+    async def call(self, msg: dict[str, Any], body: bytes, timeout: float,
                    abandoned: asyncio.Event | None = None) -> tuple[dict[str, Any], bytes]:
-        """Send one request and wait for its answer: the worker's note on it (``status``,
-        ``stages_us``, ``unhealthy``) and the response's JSON, as bytes. When ``abandoned`` is set
-        first, ask the worker to kill the run (its answer still comes, and keeps the protocol in step)."""
+        """Send one run (``msg``: op, id, run_timeout, which take precedence over the same keys in
+        ``body``, the request's JSON, passed on as it is) and wait for its answer: the worker's note on
+        it (``status``, ``stages_us``, ``unhealthy``) and the response's JSON, as bytes. When
+        ``abandoned`` is set first, ask the worker to kill the run (its answer still comes, and keeps
+        the protocol in step)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            self._write(msg)
+            self._write(msg, body)
             assert self.proc.stdin is not None
             await self.proc.stdin.drain()
             read = asyncio.ensure_future(self._reply())
@@ -368,9 +372,8 @@ class WorkerPool:
             for code in probe_codes(self.config.preload):  # through each warm interpreter
                 try:
                     self._seq += 1
-                    _, body = await worker.call({"op": "run", "id": f"probe{self._seq}", "probe": True, "code": code,
-                                                 "run_timeout": 30},
-                                                30 + self.config.grace_s)
+                    _, body = await worker.call({"op": "run", "id": f"probe{self._seq}", "probe": True, "run_timeout": 30},
+                                                json.dumps({"code": code}).encode(), 30 + self.config.grace_s)
                     resp = json.loads(body)
                 except WorkerDied as exc:
                     resp = sandbox_error(str(exc))
@@ -455,15 +458,17 @@ class WorkerPool:
 
         Raises :class:`QueueFull` when too many wait already and :class:`Abandoned` when ``abandoned``
         is set before a worker was free; once running, ``abandoned`` kills the run."""
-        return json.loads(await self.run_encoded(request, abandoned))
+        return json.loads(await self.run_encoded(json.dumps(request).encode(), request.get("run_timeout"), abandoned))
 
-    async def run_encoded(self, request: dict[str, Any], abandoned: asyncio.Event | None = None) -> bytes:
-        """As :meth:`run`, with the response as the worker encoded it (JSON bytes): what the HTTP
-        front sends on, so a large answer is not decoded and encoded again on its way."""
-        request = dict(request)
-        request["run_timeout"] = min(float(request.get("run_timeout") or 10.0), self.config.max_run_timeout)
+    async def run_encoded(self, body: bytes, run_timeout: float | None,
+                          abandoned: asyncio.Event | None = None) -> bytes:
+        """As :meth:`run`, with the request and the response as JSON bytes: the request (validated by
+        the HTTP front) goes to the worker and the worker's answer back to the front as they are, so
+        a large body is neither decoded nor encoded again in this process. ``run_timeout`` is the
+        request's, clamped here to the configured maximum."""
         self._seq += 1
-        request.update(op="run", id=self._seq)
+        timeout = min(float(run_timeout or 10.0), self.config.max_run_timeout)
+        header = {"op": "run", "id": self._seq, "run_timeout": timeout}
         queued = time.perf_counter()
         if not self._workers and self._spawn_error:
             return _encoded_error(f"no sandbox worker available: {self._spawn_error}")
@@ -474,7 +479,7 @@ class WorkerPool:
         self.stats["queue_wait_ms_total"] += int((time.perf_counter() - queued) * 1000)
         sent = time.perf_counter()
         try:
-            meta, body = await worker.call(request, request["run_timeout"] + self.config.grace_s, abandoned)
+            meta, answer = await worker.call(header, body, timeout + self.config.grace_s, abandoned)
         except WorkerDied as exc:
             logger.error("%s; replacing it", exc)
             self._replace(worker, str(exc))
@@ -494,7 +499,7 @@ class WorkerPool:
             self._release(worker)
         self.stats[meta.get("status") or "?"] += 1
         self.stats["requests"] += 1
-        return body
+        return answer
 
     def _count_stages(self, stages_us: dict[str, int], round_trip_s: float) -> None:
         """Totals (µs) of where requests spent their time, for /health: the worker's own stages

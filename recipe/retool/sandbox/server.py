@@ -158,7 +158,8 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None, fr
 
         watcher = asyncio.create_task(watch())
         try:
-            body = await app.state.pool.run_encoded(req.model_dump(), abandoned)
+            # encoded once here (pydantic's serializer); the pool's process passes it to a worker as it is
+            body = await app.state.pool.run_encoded(req.model_dump_json().encode(), req.run_timeout, abandoned)
         except (QueueFull, PoolGone) as exc:
             return _error(503, str(exc), {"Retry-After": "1"})
         except Abandoned:

@@ -1,7 +1,10 @@
 """A warm sandbox worker: confines itself once, then forks one confined child per request.
 
 Started by the pool as ``python -m recipe.retool.sandbox.worker CONFIG_JSON`` with a scrubbed
-environment; speaks length-prefixed JSON on its stdin/stdout (4-byte big-endian length + body).
+environment; speaks length-prefixed JSON on its stdin/stdout (4-byte big-endian length + body). A
+run comes as two frames: the pool's header (``op``, ``id``, ``run_timeout``) and the request as the
+HTTP front encoded it; a cancel is one frame. Each answer is two frames: a note for the pool
+(status, stage timings, whether this worker is still healthy) and the response for the client.
 
 Start-up: import the standard-library preload modules → join nothing yet, but open this slot's
 cgroup → enter new namespaces → fork pid 1 of the new pid namespace (the *manager*), which pivots
@@ -833,10 +836,13 @@ def main() -> None:
     while True:
         try:
             req = recv(proto_in)
+            if req.get("op") == "cancel":
+                continue  # for a request already answered
+            # a run: the pool's header (op, id, the clamped run_timeout), then the request as the
+            # HTTP front encoded it; the header wins where both name a key
+            req = {**recv(proto_in), **req}
         except EOFError:
             break
-        if req.get("op") == "cancel":
-            continue  # for a request already answered
         unhealthy = None
         try:
             resp = manager.handle(req)
