@@ -88,17 +88,20 @@ def has_path(tree: Any, path: str) -> bool:
 def free_form_at(reference: dict, path: str) -> str | None:
     """The ancestor of ``path`` that verl declares as a free-form mapping (a dataclass field typed
     ``dict``, such as ``fsdp_config.mixed_precision``, null in verl's YAML): keys beneath it are
-    read by verl (or handed on) without a schema, so any key may be added there. None if none."""
+    read by verl (or handed on) without a schema, so any key may be added there (or the mapping itself
+    set, to null included). None if none."""
     node: Any = reference
     cls: type | None = None
     parts = path.split(".")
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
         if not isinstance(node, dict):
             return None
         cls = _dataclass(node.get("_target_")) or cls
         hints = _field_types(cls) if cls else {}
         if part in hints and _kind(hints[part]) is dict:
             return ".".join(parts[: i + 1])
+        if i == len(parts) - 1:
+            return None
         annotation = hints.get(part)
         kind = _kind(annotation) if annotation is not None else None
         cls = kind if isinstance(kind, type) and dataclasses.is_dataclass(kind) else None

@@ -44,6 +44,7 @@ from recipe.retool.config_check import (
 )
 from recipe.retool.kernels import padded_triton_problem
 from recipe.retool.kernels import resolve as resolve_kernels
+from recipe.retool.precision import resolve as resolve_precision
 
 STAGES = {
     "sft": ("retool_sft", ["-m", "verl.trainer.sft_trainer"]),
@@ -370,8 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = compose(config_name, overrides, config_dir)
     attention, attention_overrides = resolve_attention(cfg, args.stage)
     kernels, kernel_overrides = resolve_kernels(cfg, args.stage, user_overrides)
-    if attention_overrides or kernel_overrides:
-        overrides += attention_overrides + kernel_overrides
+    try:
+        precision = resolve_precision(cfg, args.stage)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if attention_overrides or kernel_overrides or precision.overrides:
+        overrides += attention_overrides + kernel_overrides + precision.overrides
         cfg = compose(config_name, overrides, config_dir)
     attention_line = f"attention: {attention.implementation} ({attention.reason})"
     if kernels.problem:
@@ -389,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# {attention_line}" + (f"\n# warning, a launch on this machine is refused: {attention.problem}"
                                        if attention.problem else ""))
         print(f"# {kernels.describe()}")
+        if precision.line:
+            print(f"# {precision.line}")
         print("# resolved config")
         print(OmegaConf.to_yaml(cfg, resolve=True))
         if merge:
@@ -402,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         subprocess.run(merge.merge_command(), check=True)
     print(attention_line, flush=True)
     print(kernels.describe(), flush=True)
+    if precision.line:
+        print(precision.line, flush=True)
     print(shlex.join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
 

@@ -204,7 +204,9 @@ class HFDevServer:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = getattr(torch, dtype) if device != "cpu" else torch.float32
+        from recipe.retool.precision import cpu_dtype
+
+        torch_dtype = getattr(torch, cpu_dtype(dtype) if device == "cpu" else dtype)
         self.engine = DevGenerator(model_path, device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         self.prompt_length, self.response_length = prompt_length, response_length
         self.max_model_len = max_model_len or prompt_length + response_length

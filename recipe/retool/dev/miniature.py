@@ -121,7 +121,7 @@ def _tail(path: Path, n: int = 25) -> str:
 class ModelServer:
     """A checkpoint served over HTTP by :mod:`recipe.retool.dev.openai_server` in its own process."""
 
-    def __init__(self, model_dir: str, device: str, log: Path):
+    def __init__(self, model_dir: str, device: str, log: Path, dtype: str = "float32"):
         from recipe.retool.sandbox.local import free_port
 
         self.port = free_port()
@@ -130,7 +130,7 @@ class ModelServer:
         self._log = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "recipe.retool.dev.openai_server", model_dir, "--port", str(self.port),
-             "--device", "cuda" if device == "gpu" else "cpu"], stdout=self._log, stderr=subprocess.STDOUT)
+             "--device", "cuda" if device == "gpu" else "cpu", "--dtype", dtype], stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 180.0) -> ModelServer:
         from recipe.retool.sandbox.local import wait_until_healthy
@@ -293,7 +293,8 @@ class Miniature:
         out = self.out / "eval" / label / "test.json"
         if out.exists():  # a rerun evaluates afresh (the model may have changed)
             shutil.rmtree(out.parent)
-        server = ModelServer(resolved.path, self.s.device, self.out / "logs" / f"serve_{label}.log").wait()
+        server = ModelServer(resolved.path, self.s.device, self.out / "logs" / f"serve_{label}.log",
+                             dtype=str(grpo_cfg.actor_rollout_ref.rollout.dtype)).wait()
         try:
             cmd = ["bash", str(PACKAGE_DIR / "evaluate_model.sh"), resolved.path, str(out), server.url, self.sandbox.url,
                    "EMPTY", "--data", str(self.out / "data" / "rl" / "aime24.parquet"),

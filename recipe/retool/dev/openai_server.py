@@ -1,6 +1,6 @@
 """A small OpenAI-compatible chat server over the ``hf_dev`` engine, for evaluating the miniature.
 
-    python -m recipe.retool.dev.openai_server MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device cpu]
+    python -m recipe.retool.dev.openai_server MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device cpu] [--dtype float32]
 
 Production evaluation talks to vLLM or SGLang. On a machine without them, the miniature's
 checkpoints still have to be served over real HTTP so that ``evaluate_model.sh`` runs unchanged:
@@ -56,7 +56,7 @@ def _clean(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(model_path: str, *, device: str = "cpu", max_model_len: int = 4096, max_batch: int = 64,
-               seed: int = 0):
+               seed: int = 0, dtype: str = "float32"):
     from fastapi import FastAPI, HTTPException
     from transformers import AutoTokenizer
 
@@ -64,7 +64,7 @@ def create_app(model_path: str, *, device: str = "cpu", max_model_len: int = 409
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine = HFDevServer(model_path, prompt_length=max_model_len, response_length=max_model_len,
-                         max_model_len=max_model_len, max_batch=max_batch, device=device, dtype="float32", seed=seed)
+                         max_model_len=max_model_len, max_batch=max_batch, device=device, dtype=dtype, seed=seed)
     app = FastAPI(title="hf_dev OpenAI-compatible server")
     created = int(time.time())
 
@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32",
+                   help="compute dtype (on a CPU, bf16 only where native: recipe.retool.precision)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    app = create_app(a.model, device=a.device, max_model_len=a.max_model_len, seed=a.seed)
+    app = create_app(a.model, device=a.device, max_model_len=a.max_model_len, seed=a.seed, dtype=a.dtype)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
 
 
