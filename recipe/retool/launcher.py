@@ -282,7 +282,9 @@ def _py(module: str, *args: str) -> list[str]:
     return ["python", "-m", module, *args]
 
 
-def prep_commands(exp: Experiment, tokenizer: str | None = None) -> list[list[str]]:
+def prep_commands(exp: Experiment, tokenizer: str | None = None, sft_extra: Sequence[str] = (),
+                  grpo_extra: Sequence[str] = ()) -> list[list[str]]:
+    """Data, then the prefilter of each file by the budget of the config (and overrides) that trains on it."""
     d = exp.data
     cmd = _py("recipe.retool.data", "all", "--out-dir", f"{DATA_DIR}/raw",
               "--sft-source", d.sft_source, "--rl-source", d.rl_source, "--aime24-source", d.val_source)
@@ -290,9 +292,13 @@ def prep_commands(exp: Experiment, tokenizer: str | None = None) -> list[list[st
         cmd = _py("recipe.retool.data", "all", "--out-dir", f"{DATA_DIR}/raw", "--sample")
     cmds = [cmd]
     tok = tokenizer or model_dir(exp.model)
+    trainer = {"sft": (exp.sft.config, [*exp.sft.overrides, *map(str, sft_extra)]),
+               "rl": (exp.grpo.config, [*exp.grpo.overrides, *map(str, grpo_extra)])}
     for rel in ("sft/train.parquet", "rl/train.parquet", "rl/aime24.parquet"):
+        config, overrides = trainer[rel.split("/")[0]]
         cmds.append(_py("recipe.retool.prefilter_dataset", "--input", f"{DATA_DIR}/raw/{rel}",
-                        "--output", f"{DATA_DIR}/{rel}", "--tokenizer", tok, *d.prefilter_args))
+                        "--output", f"{DATA_DIR}/{rel}", "--tokenizer", tok, "--config", config,
+                        *d.prefilter_args, *overrides))
     return cmds
 
 
@@ -527,7 +533,7 @@ def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
                              "commands": [merge_command(Path(f"{CKPT_DIR}/<stage>-experiments/<exp>/global_step_<N>"))]},
         "check_sandbox_connection": {"gpu": None, "timeout": 300, "commands": [], "sandbox_url": sandbox_url},
         "smoke": {"gpu": f"{exp.gpu}:1", "timeout": t.smoke, "commands": [
-            *prep_commands(smoke_exp),
+            *prep_commands(smoke_exp, sft_extra=smoke_exp.smoke.sft_overrides, grpo_extra=smoke_exp.smoke.grpo_overrides),
             sft_command(smoke_exp, model_dir(smoke_exp.model), smoke_exp.smoke.sft_overrides),
             grpo_command(smoke_exp, None, smoke_exp.smoke.grpo_overrides),
             eval_command(smoke_exp, f"{CKPT_DIR}/eval/smoke.json", sandbox_url, smoke_exp.smoke.eval_args)]},

@@ -1,6 +1,7 @@
 """Prefilter a prepared parquet file by token length, with the target model's chat template.
 
-    python -m recipe.retool.prefilter_dataset --input IN.parquet --output OUT.parquet --tokenizer PATH
+    python -m recipe.retool.prefilter_dataset --input IN.parquet --output OUT.parquet --tokenizer PATH \
+        [--config CONFIG] [key=value ...]
     ./recipe/retool/preprocess_data.sh IN OUT TOKENIZER [--max-prompt-tokens N ...]
 
 The schema is detected from the columns:
@@ -11,9 +12,16 @@ The schema is detected from the columns:
 - RL rows (``prompt``): the prompt is the chat prompt rendered with the code tool's schema (as
   the rollout renders it); RL rows have no reference response.
 
-Rows over ``--max-prompt-tokens`` (default 2048) or ``--max-response-tokens`` (default 4096) are
-written, with their lengths, to ``OUT.dropped.parquet`` rather than lost. Tokenizing runs in
-``--workers`` processes (default: all cores), in chunks, with a progress bar.
+The token budget belongs to the config that trains on the data, and is read from it (one owner):
+
+- SFT rows: ``data.max_length`` of the SFT config (prompt + response; default ``retool_sft``);
+- RL rows: ``data.max_prompt_length`` of the GRPO config (default ``retool_grpo_template``).
+
+``--config NAME|PATH`` names another config (as ``recipe.retool.train --config`` takes it) and
+trailing ``key=value`` overrides apply to it, as they will to the trainer; ``--max-prompt-tokens``,
+``--max-response-tokens`` and ``--max-total-tokens`` set a limit outright instead. Rows over the
+budget are written, with their lengths, to ``OUT.dropped.parquet`` rather than lost. Tokenizing runs
+in ``--workers`` processes (default: all cores), in chunks, with a progress bar.
 """
 
 from __future__ import annotations
@@ -38,6 +46,57 @@ _TOKENIZER = None
 _TOOLS: list[dict[str, Any]] | None = None
 
 
+# the config that trains on each kind of row, and the keys there that bound it
+DEFAULT_CONFIG = {"sft": "retool_sft", "rl": "retool_grpo_template"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Token limits a row must keep to (None: no limit of that kind), and where they come from."""
+
+    prompt: int | None = None
+    response: int | None = None
+    total: int | None = None  # prompt + response, as SFT's data.max_length bounds a whole conversation
+    source: str = ""
+
+    def keeps(self, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(prompt), dtype=bool)
+        for limit, lengths in ((self.prompt, prompt), (self.response, response), (self.total, prompt + response)):
+            if limit is not None:
+                keep &= lengths <= limit
+        return keep
+
+    def describe(self) -> str:
+        parts = [f"{name} <= {limit}" for name, limit in
+                 (("prompt", self.prompt), ("response", self.response), ("prompt + response", self.total))
+                 if limit is not None]
+        return f"{', '.join(parts) or 'no limit'} tokens ({self.source})"
+
+
+def budget_for(kind: str, config: str | None = None, overrides: Sequence[str] = (), max_prompt_tokens: int | None = None,
+               max_response_tokens: int | None = None, max_total_tokens: int | None = None) -> Budget:
+    """The budget of ``kind`` rows ("sft" or "rl"): from the config that trains on them, unless set outright."""
+    explicit = (max_prompt_tokens, max_response_tokens, max_total_tokens)
+    if any(v is not None for v in explicit):
+        return Budget(*explicit, source="set on the command line")
+    from recipe.retool.train import compose, split_config_arg
+
+    name = config or DEFAULT_CONFIG[kind]
+    try:
+        config_name, config_dir = split_config_arg(name)
+        cfg = compose(config_name, list(overrides), config_dir)
+    except Exception as exc:
+        raise DataError(f"--config {name}: cannot compose it ({type(exc).__name__}: {exc})") from None
+    shown = name + (f" with {' '.join(overrides)}" if overrides else "")
+    try:
+        if kind == "sft":
+            return Budget(total=int(cfg.data.max_length), source=f"data.max_length of {shown}")
+        return Budget(prompt=int(cfg.data.max_prompt_length), source=f"data.max_prompt_length of {shown}")
+    except Exception as exc:
+        raise DataError(f"--config {name}: has no {'data.max_length' if kind == 'sft' else 'data.max_prompt_length'} "
+                        f"to bound {kind.upper()} rows by ({exc})") from None
+
+
 @dataclass
 class FilterResult:
     kept: int
@@ -45,6 +104,7 @@ class FilterResult:
     prompt_lengths: np.ndarray
     response_lengths: np.ndarray
     seconds: float
+    budget: Budget | None = None
 
     def summary(self) -> str:
         def stats(x: np.ndarray) -> str:
@@ -57,6 +117,7 @@ class FilterResult:
         return (
             f"kept {self.kept}/{total} rows, dropped {self.dropped} "
             f"({self.dropped / max(total, 1):.1%}) in {self.seconds:.1f}s\n"
+            + (f"  budget: {self.budget.describe()}\n" if self.budget else "") +
             f"  prompt tokens:   {stats(self.prompt_lengths)}\n"
             f"  response tokens: {stats(self.response_lengths)}"
         )
@@ -162,13 +223,18 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-def _rows_to_measure(df, path: str) -> Iterable[tuple[int, str, Any, Any]]:
+def row_kind(df, path: str) -> str:
+    """"sft" (a ``messages`` column) or "rl" (a ``prompt`` column)."""
     if "messages" in df.columns:
-        kind, col = "sft", "messages"
-    elif "prompt" in df.columns:
-        kind, col = "rl", "prompt"
-    else:
-        raise DataError(f"{path}: expected a 'messages' (SFT) or 'prompt' (RL) column; columns: {list(df.columns)}")
+        return "sft"
+    if "prompt" in df.columns:
+        return "rl"
+    raise DataError(f"{path}: expected a 'messages' (SFT) or 'prompt' (RL) column; columns: {list(df.columns)}")
+
+
+def _rows_to_measure(df, path: str) -> Iterable[tuple[int, str, Any, Any]]:
+    kind = row_kind(df, path)
+    col = "messages" if kind == "sft" else "prompt"
     has_tools = "tools" in df.columns
     for i, messages in enumerate(df[col]):
         messages = _to_python(messages)
@@ -222,12 +288,17 @@ def prefilter(
     input_path: str | Path,
     output_path: str | Path,
     tokenizer: str,
-    max_prompt_tokens: int = 2048,
-    max_response_tokens: int = 4096,
+    max_prompt_tokens: int | None = None,
+    max_response_tokens: int | None = None,
     workers: int | None = None,
     chunk_size: int = 256,
     progress: bool = True,
+    *,
+    max_total_tokens: int | None = None,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> FilterResult:
+    """Keep the rows within the budget of the config that trains on them (:func:`budget_for`)."""
     import pandas as pd
 
     start = time.perf_counter()
@@ -236,9 +307,11 @@ def prefilter(
         df = pd.read_parquet(input_path)
     except Exception as exc:
         raise DataError(f"{input_path}: cannot read parquet: {type(exc).__name__}: {exc}") from exc
+    budget = budget_for(row_kind(df, str(input_path)), config, overrides, max_prompt_tokens, max_response_tokens,
+                        max_total_tokens)
     workers = workers or os.cpu_count() or 1
     prompt, response = measure_lengths(df, str(input_path), tokenizer, workers, chunk_size, progress)
-    keep = (prompt <= max_prompt_tokens) & (response <= max_response_tokens)
+    keep = budget.keeps(prompt, response)
     kept = df[keep].reset_index(drop=True)
     dropped = df[~keep].assign(prompt_tokens=prompt[~keep], response_tokens=response[~keep]).reset_index(drop=True)
     write_parquet(kept.to_dict("records"), output_path)
@@ -247,7 +320,7 @@ def prefilter(
         write_parquet(dropped.to_dict("records"), dropped_path)
     else:
         dropped_path.unlink(missing_ok=True)
-    return FilterResult(int(keep.sum()), int((~keep).sum()), prompt, response, time.perf_counter() - start)
+    return FilterResult(int(keep.sum()), int((~keep).sum()), prompt, response, time.perf_counter() - start, budget)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,14 +333,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="prepared SFT or RL parquet")
     p.add_argument("--output", required=True, help="filtered parquet (dropped rows go to OUTPUT.dropped.parquet)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer id or local path (the model you will train)")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-response-tokens", type=int, default=4096)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --config, as the trainer gets them")
+    p.add_argument("--config", default=None,
+                   help="the config that trains on this data, by name or path (default: retool_sft for SFT rows, "
+                        "retool_grpo_template for RL rows); its data.max_length / data.max_prompt_length is the budget")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="a limit set outright instead of --config's")
+    p.add_argument("--max-response-tokens", type=int, default=None, help="a limit set outright instead of --config's")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="a limit set outright instead of --config's")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--chunk-size", type=int, default=256, help="rows per task sent to a worker")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         result = prefilter(args.input, args.output, args.tokenizer, args.max_prompt_tokens,
-                           args.max_response_tokens, args.workers, args.chunk_size)
+                           args.max_response_tokens, args.workers, args.chunk_size,
+                           max_total_tokens=args.max_total_tokens, config=args.config, overrides=args.overrides)
     except DataError as err:
         logger.error("%s", err)
         return 2

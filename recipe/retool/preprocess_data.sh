@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prefilter a prepared parquet file by token length.
-#   ./preprocess_data.sh IN.parquet OUT.parquet TOKENIZER [--max-prompt-tokens N] [--max-response-tokens N] [--workers N]
+#   ./preprocess_data.sh IN.parquet OUT.parquet TOKENIZER [--config CONFIG] [key=value ...] [--workers N]
+# The budget comes from the config that trains on the data (SFT: data.max_length; RL: data.max_prompt_length).
 # Thin wrapper over `python -m recipe.retool.prefilter_dataset` (see --help there).
 set -euo pipefail
 if [ $# -lt 3 ]; then

@@ -237,7 +237,8 @@ class Miniature:
         figures = {}
         for name, src in self.raw.items():
             dst = self.out / "data" / Path(src).relative_to(self.out / "data_raw")
-            res = prefilter(src, dst, str(self.base), progress=False)
+            # each file within the budget of the miniature config that trains on it
+            res = prefilter(src, dst, str(self.base), progress=False, config=self.config("sft" if name == "sft" else "grpo"))
             figures[name] = f"{res.kept} kept, {res.dropped} dropped"
         return Stage("prefilter", "done", detail=f"→ {self.out / 'data'}", figures=figures)
 
