@@ -135,12 +135,12 @@ def test_compute_score_values_and_shaping():
     right = "work " + TOOL_TURN + "\\boxed{42}"
     wrong9 = ("x " + TOOL_TURN) * 9 + "\\boxed{41}"
     r = compute_score(data_source="aime24", solution_str=right, ground_truth="42", extra_info=verl_extra_info(1))
-    assert r == {"score": 1.0, "acc": 1.0, "pred": "42", "num_tool_calls": 1}
+    assert r == {"score": 1.0, "acc": 1.0, "pred": "42", "num_tool_calls": 1, "verify_timeout": 0.0}
     assert compute_score(solution_str="\\boxed{41}", ground_truth="42", extra_info=verl_extra_info(0))["score"] == -1.0
     assert compute_score(solution_str=wrong9, ground_truth="42", extra_info=verl_extra_info(9))["score"] == pytest.approx(-0.6)
     assert compute_score(solution_str=wrong9, ground_truth="42", extra_info=verl_extra_info(9), tool_bonus=0)["score"] == -1.0
     assert compute_score(solution_str="no answer", ground_truth="42", extra_info=verl_extra_info(0)) == {
-        "score": -1.0, "acc": 0.0, "pred": "", "num_tool_calls": 0}
+        "score": -1.0, "acc": 0.0, "pred": "", "num_tool_calls": 0, "verify_timeout": 0.0}
 
 
 def test_tool_rounds_without_a_tool_output_marker_accept_no_answer():
@@ -219,3 +219,53 @@ def test_tool_calls_survive_verls_decoding_and_earn_the_bonus(dev_tokenizer):
     assert "</tool_response>" in decoded
     result = compute_score(data_source="dapo", solution_str=decoded, ground_truth="7", extra_info=verl_extra_info(1))
     assert result["num_tool_calls"] == 1 and result["score"] == pytest.approx(-0.9) and result["acc"] == 0.0
+
+
+# Answers of a few dozen characters whose symbolic evaluation explodes (each ran for minutes, or
+# until memory ran out, in math-verify without a time bound)
+PATHOLOGICAL = ["9^{9^{9}}", "10^{10^{10}}", "(10^{8})!", "\\binom{10^{12}}{10^{6}}", "2^{3^{4^{5}}} - 1"]
+
+
+def test_a_pathological_answer_is_judged_wrong_within_its_time_from_worker_threads():
+    """verl calls the reward from worker threads; a check there must stay bounded (the child that runs
+    it is killed) and the answer judged wrong, with the time-out reported. Run in a subprocess: on an
+    unbounded reward the check holds the GIL and would stall the test process itself."""
+    program = f"""
+import json, time
+from concurrent.futures import ThreadPoolExecutor
+from recipe.retool.reward import compute_score
+from recipe.retool.bounded_verify import timeouts
+
+def score(answer):
+    started = time.monotonic()
+    out = compute_score(solution_str="\\\\boxed{{" + answer + "}}", ground_truth="7", extra_info={{"num_turns": 2}},
+                        verify_timeout=1.5)
+    return out["acc"], out["verify_timeout"], time.monotonic() - started
+
+with ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(score, {PATHOLOGICAL!r}))
+    # the children killed on time-out are replaced: an honest symbolic answer is still judged right
+    after = pool.submit(lambda: compute_score(solution_str="\\\\boxed{{\\\\frac{{\\\\sqrt{{8}}}}{{2}}}}",
+                                               ground_truth="\\\\sqrt{{2}}", extra_info={{"num_turns": 2}})).result()
+print(json.dumps({{"results": results, "after": after["acc"], "timeouts": timeouts()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for answer, (acc, late, seconds) in zip(PATHOLOGICAL, out["results"]):
+        assert acc == 0.0, answer  # never correct
+        assert seconds < 1.5 + 30, (answer, seconds)  # its time, plus a child's start-up on a loaded machine
+    assert out["timeouts"] == sum(late for _, late, _ in out["results"]) >= 2, out
+    assert out["after"] == 1.0
+
+
+def test_the_time_bound_is_a_reward_kwarg_the_config_check_accepts():
+    import inspect
+
+    from recipe.retool.reward import compute_score
+    from recipe.retool.train import compose
+
+    cfg = compose("retool_grpo_template")
+    kwargs = cfg.reward.custom_reward_function.reward_kwargs
+    assert float(kwargs.verify_timeout) > 0
+    assert "verify_timeout" in inspect.signature(compute_score).parameters

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from fractions import Fraction
 from typing import Any
+
+from recipe.retool.bounded_verify import DEFAULT_TIMEOUT_S, symbolically_equal
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _UNITS = (
 _TRAILING_UNIT = re.compile(rf"^(.*?[\d}}])\s+{_UNITS}\.?$", re.IGNORECASE)
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _FRAC = re.compile(r"^([-+]?)\\frac\{([-+]?\d+)\}\{([-+]?\d+)\}$|^([-+]?\d+)/(\d+)$")
-_MAX_SYMBOLIC_CHARS = 300  # longer "answers" are compared as strings only (math-verify is not time-bounded off the main thread)
+_MAX_SYMBOLIC_CHARS = 300  # longer "answers" are compared as strings and numbers only
 _warned: set[str] = set()
 
 
@@ -146,34 +147,26 @@ def _as_number(s: str) -> Fraction | float | None:
         return None
 
 
-def is_equivalent(pred: str, truth: str) -> bool:
-    """Numeric first (fast, exact for AIME's integers), then math-verify's symbolic equivalence."""
+def judge(pred: str, truth: str, verify_timeout: float = DEFAULT_TIMEOUT_S) -> tuple[bool, bool]:
+    """(equivalent?, timed out?). Numeric first (fast, exact for AIME's integers), then math-verify's
+    symbolic equivalence in a child process bounded by ``verify_timeout`` seconds
+    (:mod:`recipe.retool.bounded_verify`): a check that runs past it is judged *not* equivalent."""
     p, t = normalize_answer(pred), normalize_answer(str(truth))
     if not p:
-        return False
+        return False, False
     if p == t:
-        return True
+        return True, False
     pn, tn = _as_number(p), _as_number(t)
     if pn is not None and tn is not None:
-        return abs(float(pn) - float(tn)) <= 1e-9 * max(1.0, abs(float(tn)))
+        return abs(float(pn) - float(tn)) <= 1e-9 * max(1.0, abs(float(tn))), False
     if len(p) > _MAX_SYMBOLIC_CHARS:
-        return False
-    try:
-        from math_verify import parse, verify
-    except ImportError:  # pragma: no cover - math-verify is a declared dependency
-        return False
-    # math-verify's time-outs use signals, which only work in the main thread (verl's reward
-    # workers call us elsewhere): disable them there.
-    main = threading.current_thread() is threading.main_thread()
-    kw = {} if main else {"parsing_timeout": None}
-    try:
-        gold = parse(f"${t}$", **kw)
-        guess = parse(f"${p}$", **kw)
-        if not gold or not guess:
-            return False
-        return bool(verify(gold, guess, **({} if main else {"timeout_seconds": None})))
-    except Exception:
-        return False
+        return False, False
+    equal = symbolically_equal(f"${t}$", f"${p}$", verify_timeout)
+    return bool(equal), equal is None
+
+
+def is_equivalent(pred: str, truth: str, verify_timeout: float = DEFAULT_TIMEOUT_S) -> bool:
+    return judge(pred, truth, verify_timeout)[0]
 
 
 def rollout_tool_calls(extra_info: dict[str, Any] | None) -> int | None:
@@ -210,10 +203,10 @@ def tool_rounds(extra_info: dict[str, Any] | None) -> int | None:
         return None
 
 
-def score_answer(final_turn: str, ground_truth: str) -> tuple[bool, str | None]:
+def score_answer(final_turn: str, ground_truth: str, verify_timeout: float = DEFAULT_TIMEOUT_S) -> tuple[bool, str | None]:
     """(correct?, extracted answer) — the one scoring rule for the RL reward and the evaluation."""
     pred = extract_answer(final_turn)
-    return (pred is not None and is_equivalent(pred, ground_truth)), pred
+    return (pred is not None and is_equivalent(pred, ground_truth, verify_timeout)), pred
 
 
 def shaped_score(correct: bool, tool_calls: int, tool_bonus: float = 0.1, max_wrong_score: float = -0.6) -> float:
@@ -230,9 +223,12 @@ def compute_score(
     tool_bonus: float = 0.1,
     max_wrong_score: float = -0.6,
     num_tool_calls: int | None = None,
+    verify_timeout: float = DEFAULT_TIMEOUT_S,
     **_: Any,
 ) -> dict[str, Any]:
-    """verl's entry point. ``num_tool_calls`` overrides the rollout metadata (callers that saw the calls)."""
+    """verl's entry point. ``num_tool_calls`` overrides the rollout metadata (callers that saw the calls);
+    ``verify_timeout`` bounds the symbolic check (seconds; a late check is wrong, and ``verify_timeout``
+    in the result says so: verl logs it with validation metrics and writes it to the rollout dumps)."""
     from_rollout = num_tool_calls is None
     calls = rollout_tool_calls(extra_info) if from_rollout else num_tool_calls
     if calls is None:
@@ -242,9 +238,10 @@ def compute_score(
     if from_rollout and (tool_rounds(extra_info) or 0) > 0 and TOOL_OUTPUT_END not in solution_str:
         _warn_once("no_marker", "reward: the rollout ran tool rounds but the response has no '%s' marker; "
                    "the final turn cannot be located and no answer is accepted", TOOL_OUTPUT_END)
-        correct, pred = False, None
+        correct, pred, late = False, None, False
     else:
-        correct, pred = score_answer(solution_str, ground_truth)
+        pred = extract_answer(solution_str)
+        correct, late = judge(pred, ground_truth, verify_timeout) if pred is not None else (False, False)
     return {"score": shaped_score(correct, calls, tool_bonus, max_wrong_score), "acc": float(correct),
-            "pred": pred or "", "num_tool_calls": int(calls)}
+            "pred": pred or "", "num_tool_calls": int(calls), "verify_timeout": float(late)}
 
