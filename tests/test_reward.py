@@ -252,7 +252,7 @@ print(json.dumps({{"results": results, "after": after["acc"], "timeouts": timeou
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for answer, (acc, late, seconds) in zip(PATHOLOGICAL, out["results"]):
+    for answer, (acc, _late, seconds) in zip(PATHOLOGICAL, out["results"], strict=True):
         assert acc == 0.0, answer  # never correct
         assert seconds < 1.5 + 30, (answer, seconds)  # its time, plus a child's start-up on a loaded machine
     assert out["timeouts"] == sum(late for _, late, _ in out["results"]) >= 2, out
