@@ -117,6 +117,12 @@ def test_the_cpu_flags_decide(tmp_path, monkeypatch):
     monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(precision, "cpu_flags", lambda: cpu_flags(arm))
     assert CpuBf16.probe().native
+    # oneDNN capped below bf16 instructions emulates bf16 on any CPU: not native
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not CpuBf16.probe().native and "ONEDNN_MAX_CPU_ISA=AVX2" in CpuBf16.probe().reason
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert CpuBf16.probe().native
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     # the override reproduces a CPU without native bf16 anywhere, and a bad value is refused
     monkeypatch.setenv(CPU_BF16_ENV, "0")
     assert not CpuBf16.probe().native

@@ -2,7 +2,9 @@
 
 On a CPU without native bf16 arithmetic (x86 without AVX512-BF16 or AMX-BF16, e.g. an AVX2-only
 EPYC; Arm without the BF16 extension) PyTorch emulates bf16 matrix products: about 16× slower than
-fp32 on such a machine (1.2 vs 19 GFLOP/s measured on an AVX2 EPYC). A CPU run that asks for bf16
+fp32 on such a machine (1.2 vs 19 GFLOP/s measured on an AVX2 EPYC). ``ONEDNN_MAX_CPU_ISA`` capped
+below bf16 instructions (``AVX2``, ``AVX512_CORE``) does the same on any CPU, and counts as no
+native bf16 here (``scripts/bench_cpu_dtype.py`` measures both). A CPU run that asks for bf16
 there is slow for no gain, so this module is the one place that decides the dtype a CPU run computes
 in; every CPU consumer asks it:
 
@@ -66,6 +68,10 @@ class CpuBf16:
             native = bool(_ENV_VALUES[forced])
             return cls(native, f"{CPU_BF16_ENV}={forced}: treated as {'native' if native else 'no native'} bf16"
                                f" (the CPU reports {capability})")
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        if isa and isa not in ("ALL", "DEFAULT") and not any(k in isa for k in ("BF16", "AMX", "AVX10")):
+            # oneDNN runs PyTorch's CPU bf16 matrix products; capped below bf16 instructions they are emulated
+            return cls(False, f"ONEDNN_MAX_CPU_ISA={isa} caps oneDNN below bf16 instructions (the CPU reports {capability})")
         machine = platform.machine().lower()
         wanted = NATIVE_FLAGS.get("aarch64" if machine in ("arm64", "aarch64") else machine, ())
         flags = cpu_flags()
