@@ -956,3 +956,49 @@ def test_small_etc_files_are_copied_not_bound(sandbox_server):
     out = run(sandbox_server, code)["run_result"]["stdout"].split(" ", 1)
     assert out[1].strip() == "[] True True False", out
     assert int(out[0]) <= 16, out  # root, system dirs, python paths, /dev nodes, per-request mounts
+
+
+# ----------------------------------------------------------------------------- hardening, second round
+# One test (or more) per attack of the second red-team round; each failed before its guard.
+
+
+def test_socket_families_beyond_unix_and_inet_are_refused(sandbox_server):
+    """AF_VSOCK is not isolated by the network namespace (it reaches the hypervisor and other VMs), and
+    netlink, packet, crypto (AF_ALG) and the other families are kernel surface a snippet has no use
+    for: each answers EAFNOSUPPORT or EPERM. Unix and inet sockets, socketpair, asyncio and
+    multiprocessing keep working."""
+    code = ("import asyncio, errno, multiprocessing, socket\n"
+            "families = {'vsock': 40, 'netlink': 16, 'packet': 17, 'alg': 38, 'bluetooth': 31, 'can': 29,\n"
+            "            'tipc': 30, 'rds': 21, 'xdp': 44, 'key': 15, 'llc': 26, 'qipcrtr': 42}\n"
+            "refused = {}\n"
+            "for name, fam in families.items():\n"
+            "    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET):\n"
+            "        try:\n"
+            "            socket.socket(fam, kind).close()\n"
+            "            refused[name] = 'created'\n"
+            "            break\n"
+            "        except OSError as e:\n"
+            "            refused.setdefault(name, errno.errorcode.get(e.errno, str(e.errno)))\n"
+            "    try:\n"
+            "        socket.socketpair(fam, socket.SOCK_STREAM)\n"
+            "        refused[name] += '+pair'\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "made = [socket.socket(f, socket.SOCK_STREAM) for f in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)]\n"
+            "a, b = socket.socketpair(); a.sendall(b'hi'); pair = b.recv(2).decode()\n"
+            "async def main():\n"
+            "    await asyncio.sleep(0)\n"
+            "    return 'loop'\n"
+            "r, w = multiprocessing.Pipe(); w.send('pipe')\n"
+            "print(sorted(set(refused.values())), len(made), pair, asyncio.run(main()), r.recv())")
+    body = run(sandbox_server, code)
+    out = body["run_result"]["stdout"]
+    assert body["status"] == "Success", body["run_result"]
+    refused, rest = out.split("]", 1)
+    assert set(eval(refused + "]")) <= {"EAFNOSUPPORT", "EPERM"}, out
+    assert rest.split() == ["3", "hi", "loop", "pipe"], out
+
+
+# -- connections: a front with few descriptors, and one with short timeouts ------------------------
+
+

@@ -1,8 +1,9 @@
 """A small seccomp filter for sandboxed children: deny the kernel interfaces a snippet has no use for.
 
 A classic-BPF program installed with ``prctl(PR_SET_SECCOMP)`` after ``no_new_privs`` (no libseccomp
-needed, so nothing beyond Python and the kernel). It is a *denylist* on top of the other layers
-(uid drop, namespaces, rlimits, cgroups), aimed at what those layers leave open:
+needed, so nothing beyond Python and the kernel). It is a *denylist* of calls, plus an allowlist of
+socket families, on top of the other layers (uid drop, namespaces, rlimits, cgroups), aimed at what
+those layers leave open:
 
 - kernel keyrings (``add_key``, ``keyctl``, ``request_key``): the user keyring is per uid and
   outlives a request, and even the server;
@@ -10,12 +11,19 @@ needed, so nothing beyond Python and the kernel). It is a *denylist* on top of t
   ``mount`` and the new mount API, ``pivot_root``, ``chroot``): an unprivileged user namespace
   would hand the snippet every capability inside it;
 - large attack surfaces a math snippet never needs: ``bpf``, ``perf_event_open``, ``userfaultfd``,
-  ``io_uring_*`` (whose operations bypass seccomp), module and kexec loading.
+  ``io_uring_*`` (whose operations bypass seccomp), module and kexec loading;
+- socket address families other than ``AF_UNIX``, ``AF_INET`` and ``AF_INET6`` (an allowlist on the
+  first argument of ``socket`` and ``socketpair``): the network namespace does not isolate every
+  family. ``AF_VSOCK`` reaches the hypervisor and other VMs whatever the namespace; ``AF_NETLINK``,
+  ``AF_PACKET``, ``AF_ALG``, Bluetooth, CAN, TIPC, RDS, XDP and the rest are kernel surface no
+  snippet needs. ``AF_UNIX`` is what ``socketpair``, ``asyncio`` and ``multiprocessing`` use (the
+  run's root holds no host socket to connect to); ``AF_INET``/``AF_INET6`` sockets can be made, as
+  ordinary libraries expect, but the namespace has no interface up, so they reach nothing.
 
 ``clone3`` answers ``ENOSYS`` (its flags sit in memory a filter cannot read; glibc then falls back
-to ``clone``, whose flags are checked); the rest answer ``EPERM``. Foreign system-call ABIs (x32,
-32-bit compat) kill the process. Only x86_64 and aarch64 are known; elsewhere :func:`install`
-raises and the worker reports seccomp as missing.
+to ``clone``, whose flags are checked), a refused socket family ``EAFNOSUPPORT``, the rest ``EPERM``.
+Foreign system-call ABIs (x32, 32-bit compat) kill the process. Only x86_64 and aarch64 are known;
+elsewhere :func:`install` raises and the worker reports seccomp as missing.
 """
 
 from __future__ import annotations
@@ -37,17 +45,21 @@ SYSCALLS = {
         "umount2": 166, "pivot_root": 155, "chroot": 161, "bpf": 321, "perf_event_open": 298,
         "userfaultfd": 323, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175,
         "finit_module": 313, "delete_module": 176, "acct": 163, "swapon": 167, "swapoff": 168,
-        "open_by_handle_at": 304, "clone": 56, "clone3": 435, **_COMMON_NEW,
+        "open_by_handle_at": 304, "clone": 56, "clone3": 435, "socket": 41, "socketpair": 53, **_COMMON_NEW,
     },
     "aarch64": {
         "add_key": 217, "request_key": 218, "keyctl": 219, "unshare": 97, "setns": 268, "mount": 40,
         "umount2": 39, "pivot_root": 41, "chroot": 51, "bpf": 280, "perf_event_open": 241,
         "userfaultfd": 282, "kexec_load": 104, "kexec_file_load": 294, "init_module": 105,
         "finit_module": 273, "delete_module": 106, "acct": 89, "swapon": 224, "swapoff": 225,
-        "open_by_handle_at": 265, "clone": 220, "clone3": 435, **_COMMON_NEW,
+        "open_by_handle_at": 265, "clone": 220, "clone3": 435, "socket": 198, "socketpair": 199, **_COMMON_NEW,
     },
 }
-DENIED = [name for name in SYSCALLS["x86_64"] if name not in ("clone", "clone3")]
+CHECKED = ("clone", "clone3", "socket", "socketpair")  # allowed or denied by their arguments
+DENIED = [name for name in SYSCALLS["x86_64"] if name not in CHECKED]
+# the socket address families a run may use (socket's and socketpair's first argument)
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+ALLOWED_FAMILIES = (AF_UNIX, AF_INET, AF_INET6)
 # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET (+ CLONE_NEWTIME 0x80)
 CLONE_NS_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
 
@@ -104,6 +116,13 @@ def build_program(arch: str | None = None) -> list[tuple[int, int, int, int]]:
     for nr in deny:
         prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, RET_ERRNO | errno.EPERM)]
     prog += [(_JEQ_K, 0, 1, nrs["clone3"]), (_RET_K, 0, 0, RET_ERRNO | errno.ENOSYS)]
+    # socket/socketpair: the family (the low word of the first argument, an int to the kernel) must be
+    # allowed; a jump to the final ALLOW of the block for each allowed one
+    fams = ALLOWED_FAMILIES
+    block = [(_LD_W_ABS, 0, 0, _OFF_ARG0_LO)]
+    block += [(_JEQ_K, len(fams) - i, 0, fam) for i, fam in enumerate(fams)]
+    block += [(_RET_K, 0, 0, RET_ERRNO | errno.EAFNOSUPPORT), (_RET_K, 0, 0, RET_ALLOW)]
+    prog += [(_JEQ_K, 1, 0, nrs["socket"]), (_JEQ_K, 0, len(block), nrs["socketpair"]), *block]
     prog += [
         (_JEQ_K, 0, 3, nrs["clone"]),
         (_LD_W_ABS, 0, 0, _OFF_ARG0_LO),  # clone's flags: the low word of its first argument

@@ -770,6 +770,7 @@ def _seccomp_works() -> bool:
             nrs = seccomp.SYSCALLS[seccomp.machine()]
             denied = _libc.syscall(nrs["keyctl"], 0, 0, 0, 0, 0) == -1 and ctypes.get_errno() == errno.EPERM
             denied &= _libc.unshare(isolation.CLONE_NEWUSER) == -1 and ctypes.get_errno() == errno.EPERM
+            denied &= _libc.socket(40, socket.SOCK_STREAM, 0) == -1 and ctypes.get_errno() == errno.EAFNOSUPPORT  # AF_VSOCK
             os._exit(0 if denied else 1)
         except BaseException:
             os._exit(2)
