@@ -999,6 +999,62 @@ def test_socket_families_beyond_unix_and_inet_are_refused(sandbox_server):
     assert rest.split() == ["3", "hi", "loop", "pipe"], out
 
 
+DEEP = "/".join(["d"] * 2000)  # a path 2,000 directories deep (4,000 bytes)
+
+
+def test_input_files_are_bounded_in_count_depth_and_length(sandbox_server):
+    """Sixty files 2,000 directories deep kept a worker busy past its deadline (it was replaced and
+    /health said degraded): the front refuses such input at once, naming the limit that was passed."""
+    def post(files: dict) -> httpx.Response:
+        return httpx.post(sandbox_server.url + "/run_code", json={"code": "print(1)", "run_timeout": 1, "files": files},
+                          timeout=15)
+
+    t = time.time()
+    r = post({f"{i}/{DEEP}/f.txt": "" for i in range(60)})
+    assert r.status_code == 422 and "deep" in r.text and "--max-path-depth" in r.text, r.text[:500]
+    r = post({f"f{i}": "" for i in range(1000)})
+    assert r.status_code == 422 and "more than 256 files" in r.text and "--max-files" in r.text, r.text[:500]
+    r = post({"/".join(["x" * 200] * 10): ""})
+    assert r.status_code == 422 and "bytes long" in r.text and "--max-path-bytes" in r.text, r.text[:500]
+    r = post({"y" * 300: ""})
+    assert r.status_code == 422 and "255" in r.text, r.text[:500]
+    assert time.time() - t < 5
+    ok = run(sandbox_server, "print(open('a/b/c.txt').read())", files={"a/b/c.txt": base64.b64encode(b"fine").decode()})
+    assert ok["run_result"]["stdout"] == "fine\n", ok
+    health = httpx.get(sandbox_server.url + "/health").json()
+    assert health["status"] == "ok" and not health["problems"], health
+
+
+def test_input_files_over_the_total_size_limit_are_refused():
+    """The files of one request together: a clear client error naming the limit, before any is decoded
+    into memory twice or written."""
+    from pydantic import ValidationError
+
+    from recipe.retool.sandbox.api import RequestLimits, RunCodeRequest
+
+    limits = RequestLimits(max_files_bytes=1000)
+    body = json.dumps({"code": "print(1)", "files": {"a": base64.b64encode(b"x" * 600).decode(),
+                                                     "b": base64.b64encode(b"y" * 600).decode()}})
+    with pytest.raises(ValidationError) as err:
+        RunCodeRequest.model_validate_json(body, context=limits)
+    assert "1200 bytes" in str(err.value) and "limit of 1000" in str(err.value)
+    small = json.dumps({"code": "print(1)", "files": {"a": base64.b64encode(b"x" * 600).decode()}})
+    assert RunCodeRequest.model_validate_json(small, context=limits).files
+
+
+def test_a_million_file_names_are_refused_without_stalling_the_front(sandbox_server):
+    """A 15 MB body of a million (empty) files was validated name by name and sent on to a worker,
+    stalling its front for seconds: the count is checked before any name is."""
+    body = json.dumps({"code": "print(1)", "files": {f"f{i:07d}": "" for i in range(1_000_000)}}).encode()
+    assert len(body) < 16 << 20
+    t = time.time()
+    r = post_raw(sandbox_server, body, timeout=60)
+    took = time.time() - t
+    assert r.status_code == 422 and "--max-files" in r.text, (r.status_code, r.text[:300])
+    assert took < 2, took
+    assert_healthy(sandbox_server)
+
+
 # -- connections: a front with few descriptors, and one with short timeouts ------------------------
 
 

@@ -132,6 +132,30 @@ async def test_the_probe_runs_through_both_warm_interpreters():
         await pool.close()
 
 
+async def test_writing_input_files_counts_against_the_run_deadline():
+    """A request's input files are written within its run_timeout: thirty files each 2,000 directories
+    deep (past the HTTP front's limits, which only a caller of the pool itself can send) are cut off at
+    the deadline and answered TimeLimitExceeded, instead of keeping the worker busy until the pool gives
+    up on it and replaces it."""
+    import time
+
+    pool = WorkerPool(SandboxConfig(workers=1, preload=["math"], warmup=False, grace_s=2.0))
+    await pool.start()
+    try:
+        deep = "/".join(["d"] * 2000)
+        files = {f"{i}/{deep}/f": "" for i in range(30)}
+        t = time.monotonic()
+        resp = await asyncio.wait_for(pool.run({"code": "print(1)", "run_timeout": 0.1, "files": files}), 60)
+        took = time.monotonic() - t
+        assert resp["status"] == "Failed" and resp["run_result"]["status"] == "TimeLimitExceeded", resp
+        assert "input files" in resp["message"] and took < 1.5, (took, resp["message"])
+        ok = await asyncio.wait_for(pool.run({"code": "print(2)", "run_timeout": 5}), 30)
+        assert ok["run_result"]["stdout"] == "2\n"
+        assert pool.stats["worker_restarts"] == 0 and pool.health()["status"] == "ok", pool.health()
+    finally:
+        await pool.close()
+
+
 # ---- the cgroup v2 layout of a server (a temporary tree stands in for the mount) ----
 
 

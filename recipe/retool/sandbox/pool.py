@@ -12,7 +12,10 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recipe.retool.sandbox.api import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ class SandboxConfig:
     max_output_bytes: int = 256 * 1024  # per stream; the rest is counted and replaced by a marker
     max_fetch_bytes: int = 16 * 1024 * 1024  # all fetch_files of one response together
     max_fetch_files: int = 256
+    max_files: int = 256  # input files of one request (`files`)
+    max_path_depth: int = 64  # directories an input file's path goes down
+    max_path_bytes: int = 1024  # an input file's path
+    max_files_mb: int = 64  # all input files of one request together, decoded
     max_body_mb: int = 16  # a larger request body is answered 413
     max_queue: int = 1024  # requests waiting for a worker; beyond, 503 at once
     tmp_size_mb: int = 256  # each request's tmpfs (work dir, /tmp, /dev/shm together)
@@ -52,6 +59,14 @@ class SandboxConfig:
     spawn_timeout: float = 120.0
     grace_s: float = 10.0  # beyond run_timeout before a silent worker is declared dead
     kill_grace_s: float = 5.0  # after SIGKILL, before a run that will not end makes its worker unhealthy
+
+    def request_limits(self) -> RequestLimits:
+        """What the HTTP front checks of each request before it goes to a worker."""
+        from recipe.retool.sandbox.api import RequestLimits
+
+        return RequestLimits(max_files=self.max_files, max_path_depth=self.max_path_depth,
+                             max_path_bytes=self.max_path_bytes, max_files_bytes=self.max_files_mb << 20,
+                             max_fetch_files=self.max_fetch_files)
 
     def worker_env(self) -> dict[str, str]:
         """The only environment workers (and so the code they run) ever see: no secrets."""

@@ -16,8 +16,9 @@ one: a public deployment must). Without it the server stays open to clients that
 (verl's helper, the official client), which is meant for loopback use.
 
 Limits: a body over ``--max-body-mb`` is answered 413, more than ``--max-queue`` waiting requests
-503, a malformed request 422 with a message; a request whose client disconnects is dropped from the
-queue, or its run killed.
+503, a malformed request 422 with a message, as are input files past ``--max-files``,
+``--max-path-depth``, ``--max-path-bytes`` or ``--max-files-mb`` (the message names the limit); a
+request whose client disconnects is dropped from the queue, or its run killed.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
 
 from recipe.retool.sandbox import isolation
-from recipe.retool.sandbox.api import RunCodeRequest, RunCodeResponse
+from recipe.retool.sandbox.api import RunCodeResponse, explain, request_model
 from recipe.retool.sandbox.pool import Abandoned, PoolGone, QueueFull, SandboxConfig, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -142,13 +144,24 @@ def create_app(config: SandboxConfig | None = None, token: str | None = None, fr
                    "type": _json_safe(e.get("type", ""))} for e in exc.errors()]
         return _error(422, detail)
 
-    @app.post("/run_code", response_model=RunCodeResponse, response_model_exclude_none=False)
-    async def run_code(req: RunCodeRequest, request: Request) -> Any:
+    limits = config.request_limits()
+    model = request_model(limits)
+    request_schema = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
+
+    @app.post("/run_code", response_model=RunCodeResponse, response_model_exclude_none=False,
+              openapi_extra=request_schema)
+    async def run_code(request: Request) -> Any:
+        # validated here rather than by FastAPI, so that the server's limits apply (validation context)
+        # and the counts of files and fetch_files are checked before any of their names is
+        try:
+            req = model.model_validate_json(await request.body(), context=limits)
+        except ValidationError as exc:
+            errors = explain(exc.errors(include_input=False))
+            raise RequestValidationError([{**e, "loc": ("body", *e.get("loc", ()))} for e in errors]) from None
         if req.language.lower() not in SUPPORTED_LANGUAGES:
             return RunCodeResponse(status="SandboxError", message=f"language '{req.language}' is not supported; "
                                    f"supported: {sorted(SUPPORTED_LANGUAGES)}")
-        if len(req.fetch_files) > config.max_fetch_files:
-            return _error(422, f"fetch_files lists {len(req.fetch_files)} names; at most {config.max_fetch_files}")
         abandoned = asyncio.Event()
 
         async def watch() -> None:
@@ -204,6 +217,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-bytes", type=int, help=f"stdout/stderr kept per stream ({d.max_output_bytes})")
     p.add_argument("--max-fetch-bytes", type=int, help=f"all fetch_files of a response together ({d.max_fetch_bytes})")
     p.add_argument("--max-body-mb", type=int, help=f"request body limit, else 413 ({d.max_body_mb})")
+    p.add_argument("--max-files", type=int, help=f"input files of a request, else 422 ({d.max_files})")
+    p.add_argument("--max-path-depth", type=int, help=f"directories an input file's path goes down ({d.max_path_depth})")
+    p.add_argument("--max-path-bytes", type=int, help=f"an input file's path, in bytes ({d.max_path_bytes})")
+    p.add_argument("--max-files-mb", type=int, help=f"all input files of a request together ({d.max_files_mb})")
+    p.add_argument("--max-fetch-files", type=int, help=f"names in a request's fetch_files ({d.max_fetch_files})")
     p.add_argument("--max-queue", type=int, help=f"requests waiting for a worker, else 503 ({d.max_queue})")
     p.add_argument("--tmp-size-mb", type=int, help=f"each request's tmpfs: work dir, /tmp, /dev/shm ({d.tmp_size_mb})")
     p.add_argument("--recycle-after", type=int, help=f"requests before a worker is replaced ({d.recycle_after})")

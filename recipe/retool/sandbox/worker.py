@@ -22,7 +22,8 @@ A wrong guess costs only time: a module the lean child lacks is imported as by `
 
 Per request (manager): a fresh tmpfs at ``/sandbox`` (the work dir ``/sandbox/work``, the
 request's ``/tmp`` and ``/dev/shm``, its stdin), input files written while no process of the
-request exists yet → the slot's cgroup limits set → the zygote forks the child into a new pid
+request exists yet (the time this takes counts against the request's ``run_timeout``: the run's
+deadline starts when the request arrives) → the slot's cgroup limits set → the zygote forks the child into a new pid
 namespace (born in the slot's cgroup, where the zygote lives) → the child takes new mount and ipc
 namespaces, drops privileges, applies rlimits and the seccomp filter and runs the code as ``__main__`` in the already-warm
 interpreter → the manager collects capped output under a wall-clock deadline (or kills the run when
@@ -392,6 +393,10 @@ class Unhealthy(Exception):
     """This worker can no longer guarantee a clean run: answer, then exit to be replaced."""
 
 
+class OutOfTime(Exception):
+    """The request's run_timeout ran out before its run could start (writing its input files)."""
+
+
 class Manager:
     def __init__(self, cfg: dict[str, Any], caps: Capabilities, cgroup: SlotCgroup | None, full: Zygote,
                  lean: Zygote | None, heavy: list[str], proto_in: int):
@@ -410,7 +415,7 @@ class Manager:
 
     # -- per request set-up and clean-up ---------------------------------------------------------
 
-    def _prepare(self, req: dict[str, Any]) -> None:
+    def _prepare(self, req: dict[str, Any], deadline: float) -> None:
         if self.caps.allowlisted_root:
             try:
                 isolation.mount("tmpfs", self.area, "tmpfs", isolation.MS_NOSUID | isolation.MS_NODEV,
@@ -427,19 +432,37 @@ class Manager:
                 os.chown(path, self.uid, self.uid)
         self._write_file(f"{self.area}/.stdin", (req.get("stdin") or "").encode("utf-8"), own=False)
         for name, content in (req.get("files") or {}).items():
-            rel = relative_name(name, self.workdir)
-            parent = self.workdir
-            for part in rel.split("/")[:-1]:
-                parent = f"{parent}/{part}"
-                if not os.path.isdir(parent):
-                    os.mkdir(parent, 0o755)
-                    if self.uid >= 0:
-                        os.chown(parent, self.uid, self.uid)
-            self._write_file(f"{self.workdir}/{rel}", base64.b64decode(content, validate=True) if content else b"")
+            self._write_input(relative_name(name, self.workdir), content, deadline)
         self._write_file(f"{self.workdir}/main.py", req["code"].encode("utf-8"))
 
-    def _write_file(self, path: str, data: bytes, own: bool = True) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644 if own else 0o600)
+    def _write_input(self, rel: str, content: str | None, deadline: float) -> None:
+        """One input file, its directories made on the way down, each relative to the one above it (so a
+        deep path costs one lookup per directory, not the whole path again each time). The HTTP front
+        bounds count, depth and size; the run's deadline bounds the time whoever sends them."""
+        *dirs, leaf = rel.split("/")
+        cur = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in dirs:
+                if time.perf_counter() > deadline:
+                    raise OutOfTime
+                try:
+                    os.mkdir(part, 0o755, dir_fd=cur)
+                    if self.uid >= 0:
+                        os.chown(part, self.uid, self.uid, dir_fd=cur, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+                os.close(cur)
+                cur = nxt
+            if time.perf_counter() > deadline:
+                raise OutOfTime
+            self._write_file(leaf, base64.b64decode(content, validate=True) if content else b"", dir_fd=cur)
+        finally:
+            os.close(cur)
+
+    def _write_file(self, path: str, data: bytes, own: bool = True, dir_fd: int | None = None) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644 if own else 0o600,
+                     dir_fd=dir_fd)
         try:
             view = memoryview(data)
             while view:
@@ -494,22 +517,31 @@ class Manager:
         if not req.get("probe"):  # the pool's start-up probe does not count towards recycling
             self.runs += 1
         self.stages = Stages()
+        # the request's time starts now: writing its input files counts against its run_timeout
+        start = time.perf_counter()
+        deadline = start + float(req["run_timeout"])
         try:
-            self._prepare(req)
+            self._prepare(req, deadline)
         except Unhealthy:
             raise
+        except OutOfTime:
+            self._cleanup()
+            return {"status": "Failed", "compile_result": None, "executor_pod_name": None, "files": {},
+                    "message": f"the input files were not all written within run_timeout ({req['run_timeout']:g}s)",
+                    "run_result": {"status": "TimeLimitExceeded", "execution_time": round(time.perf_counter() - start, 6),
+                                   "cpu_time": None, "return_code": None, "stdout": "", "stderr": ""}}
         except (ValueError, OSError, UnicodeError) as exc:
             self._cleanup()
             return {"status": "SandboxError", "message": f"cannot write input files: {exc}"}
         self.stages.mark("prepare")
         try:
-            return self._run(req)
+            return self._run(req, deadline)
         finally:
             self.stages.mark("run_end")
             self._cleanup()
             self.stages.mark("cleanup")
 
-    def _run(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, req: dict[str, Any], deadline: float) -> dict[str, Any]:
         zygote = self._zygote_for(req["code"])
         limits, mem_mb = self._limits(req, zygote)
         oom_before = 0
@@ -543,7 +575,6 @@ class Manager:
                 os.close(fd)
             return {"status": "SandboxError", "message": f"cannot start the run: {reply.get('error')}"}
         self.stages.mark("fork")
-        deadline = start + float(req["run_timeout"])
         stdout, stderr, ended, why = self._collect(zygote, reply["pid"], out_r, err_r, deadline, req.get("id"))
         elapsed = time.perf_counter() - start
         self.stages.mark("run")
