@@ -1055,6 +1055,144 @@ def test_a_million_file_names_are_refused_without_stalling_the_front(sandbox_ser
     assert_healthy(sandbox_server)
 
 
+def test_request_headers_are_bounded_with_431(sandbox_server):
+    """One header of hundreds of MB was read into memory whole: headers past 64 KiB in all are answered
+    431 without being kept, whether one huge header or many small ones."""
+    pid = sandbox_server.proc.pid
+
+    def peak_kb() -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
+    before = peak_kb()
+    r = httpx.get(sandbox_server.url + "/v1/ping", headers={"X-Fill": "a" * (4 << 20)}, timeout=30)
+    assert r.status_code == 431 and "65536" in r.text, (r.status_code, r.text[:200])
+    grew = peak_kb() - before
+    assert grew < 2048, f"the server's peak memory grew by {grew} KiB"
+    many = {f"X-H{i}": "v" * 40 for i in range(2000)}
+    assert httpx.get(sandbox_server.url + "/v1/ping", headers=many, timeout=30).status_code == 431
+    fine = httpx.get(sandbox_server.url + "/v1/ping", headers={"X-Fill": "b" * (32 << 10)}, timeout=30)
+    assert fine.status_code == 200 and fine.text == "pong"
+    assert_healthy(sandbox_server)
+
+
 # -- connections: a front with few descriptors, and one with short timeouts ------------------------
+
+
+def _server_with(extra: list[str], nofile: int | None = None):
+    import resource
+    import subprocess
+
+    from recipe.retool.sandbox.local import free_port, stop_process, wait_until_healthy
+
+    port = free_port()
+    args = [sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port), "--workers", "1",
+            "--preload", "math", "--log-level", "warning", *extra]
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
+    proc = subprocess.Popen(args, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, preexec_fn=limit)
+    server = type("Server", (), {})()
+    server.url, server.port, server.proc = f"http://127.0.0.1:{port}", port, proc
+    server.alive = lambda: proc.poll() is None
+    server.stop = lambda: stop_process(proc)
+    try:
+        wait_until_healthy(server.url + "/v1/ping", 120, proc, "sandbox server")
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def few_fds_server():
+    """A server allowed 256 descriptors (a common default is 1,024): what a connection flood exhausts."""
+    server = _server_with([], nofile=256)
+    yield server
+    server.stop()
+
+
+def _flood(server, n: int, first_bytes: bytes = b"") -> list:
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        if first_bytes:
+            s.sendall(first_bytes)
+        socks.append(s)
+    time.sleep(0.5)  # the server accepts what it will
+    return socks
+
+
+@pytest.mark.parametrize("first_bytes", [b"", b"POST /run_code HTTP/1.1\r\nHost: x\r\n"], ids=["silent", "half-sent"])
+def test_a_flood_of_idle_or_slow_connections_does_not_starve_honest_clients(few_fds_server, first_bytes):
+    """Four hundred connections that send nothing (or half a request, then nothing) held every
+    descriptor of the front, before any token check, and honest clients were refused. The front keeps
+    a bound on its connections and sheds the oldest that are idle or still sending their request."""
+    socks = _flood(few_fds_server, 400, first_bytes)
+    try:
+        t = time.time()
+        r = httpx.post(few_fds_server.url + "/run_code", json={"code": "print(7)"}, timeout=10)
+        assert r.status_code == 200 and r.json()["run_result"]["stdout"] == "7\n", r.text[:300]
+        assert time.time() - t < 5
+    finally:
+        for s in socks:
+            s.close()
+    assert few_fds_server.alive()
+
+
+@pytest.fixture(scope="module")
+def short_timeouts_server():
+    server = _server_with(["--idle-timeout", "1", "--header-timeout", "1", "--body-timeout", "1"])
+    yield server
+    server.stop()
+
+
+def _closed_within(sock, seconds: float, send: list[bytes] | None = None) -> tuple[bool, bytes]:
+    """Whether the server closes ``sock`` within ``seconds`` (sending ``send`` a piece at a time meanwhile)."""
+    sock.settimeout(0.2)
+    got, deadline, pieces = b"", time.time() + seconds, list(send or [])
+    while time.time() < deadline:
+        if pieces:
+            try:
+                sock.sendall(pieces.pop(0))
+            except OSError:
+                return True, got
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            return True, got
+        if not chunk:
+            return True, got
+        got += chunk
+    return False, got
+
+
+def test_idle_and_slow_connections_time_out(short_timeouts_server):
+    """An idle connection is closed after --idle-timeout; one that sends its headers or body too slowly
+    (a byte now and then: slowloris) after --header-timeout / --body-timeout, with 408."""
+    import socket
+
+    port = short_timeouts_server.port
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        closed, _ = _closed_within(s, 4)
+        assert closed, "an idle connection stayed open"
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        head = [b"GET /v1/ping HTTP/1.1\r\n"] + [b"X-Slow: %d\r\n" % i for i in range(40)]
+        closed, got = _closed_within(s, 4, head)
+        assert closed and (got == b"" or got.startswith(b"HTTP/1.1 408")), got[:100]
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        head = b"POST /run_code HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        closed, got = _closed_within(s, 4, [head] + [b" "] * 40)
+        assert closed and (got == b"" or got.startswith(b"HTTP/1.1 408")), got[:100]
+    # an honest client on a kept-alive connection is served, again and again
+    with httpx.Client(base_url=short_timeouts_server.url, timeout=10) as client:
+        for _ in range(3):
+            assert client.get("/v1/ping").text == "pong"
+            time.sleep(0.3)
 
 

@@ -7,6 +7,7 @@
 - ``worker``     the warm worker process: a manager and a zygote that forks one confined child per request
 - ``pool``       the asyncio pool of workers the server dispatches to
 - ``fronts``     several HTTP front processes over that one pool (Unix socket pairs to the pool's process)
+- ``connections`` bounds on a front's HTTP connections: timeouts, header size, how many are open
 - ``server``     the HTTP app (FastAPI) and ``serve`` CLI: ``python -m recipe.retool.sandbox serve``
 - ``client``     an async client with retries, used by the RL tool and the evaluation harness
 """

@@ -46,6 +46,11 @@ class SandboxConfig:
     max_path_bytes: int = 1024  # an input file's path
     max_files_mb: int = 64  # all input files of one request together, decoded
     max_body_mb: int = 16  # a larger request body is answered 413
+    max_header_kb: int = 64  # a request's line and headers together; past it, 431
+    idle_timeout: float = 30.0  # a connection with no request in progress is closed after this long
+    header_timeout: float = 10.0  # a request's headers must arrive within this long of its first byte (408)
+    body_timeout: float = 60.0  # and its body within this long of its headers (408)
+    max_connections: int = 0  # open connections per front (0: what the descriptor limit allows, at most 4096)
     max_queue: int = 1024  # requests waiting for a worker; beyond, 503 at once
     tmp_size_mb: int = 256  # each request's tmpfs (work dir, /tmp, /dev/shm together)
     max_inodes: int = 65536  # files and directories on that tmpfs

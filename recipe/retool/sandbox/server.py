@@ -15,6 +15,10 @@ Access: with ``RETOOL_SANDBOX_TOKEN`` set in the server's environment every endp
 one: a public deployment must). Without it the server stays open to clients that send no header
 (verl's helper, the official client), which is meant for loopback use.
 
+Connections (``connections.py``): idle ones are closed after ``--idle-timeout``, requests whose headers
+or body come too slowly answered 408, headers past ``--max-header-kb`` 431, and a front holds at most
+``--max-connections``, shedding the oldest idle ones first; all before the token is checked.
+
 Limits: a body over ``--max-body-mb`` is answered 413, more than ``--max-queue`` waiting requests
 503, a malformed request 422 with a message, as are input files past ``--max-files``,
 ``--max-path-depth``, ``--max-path-bytes`` or ``--max-files-mb`` (the message names the limit); a
@@ -44,6 +48,7 @@ from pydantic import ValidationError
 
 from recipe.retool.sandbox import isolation
 from recipe.retool.sandbox.api import RunCodeResponse, explain, request_model
+from recipe.retool.sandbox.connections import ConnectionLimits, descriptor_budget, guarded_protocol
 from recipe.retool.sandbox.pool import Abandoned, PoolGone, QueueFull, SandboxConfig, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -217,6 +222,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-bytes", type=int, help=f"stdout/stderr kept per stream ({d.max_output_bytes})")
     p.add_argument("--max-fetch-bytes", type=int, help=f"all fetch_files of a response together ({d.max_fetch_bytes})")
     p.add_argument("--max-body-mb", type=int, help=f"request body limit, else 413 ({d.max_body_mb})")
+    p.add_argument("--max-header-kb", type=int, help=f"request line and headers together, else 431 ({d.max_header_kb})")
+    p.add_argument("--idle-timeout", type=float, help=f"close a connection idle this long ({d.idle_timeout:g}s)")
+    p.add_argument("--header-timeout", type=float,
+                   help=f"a request's headers must arrive within this long of its first byte, else 408 ({d.header_timeout:g}s)")
+    p.add_argument("--body-timeout", type=float,
+                   help=f"and its body within this long of its headers, else 408 ({d.body_timeout:g}s)")
+    p.add_argument("--max-connections", type=int,
+                   help="open connections per front; past it the oldest idle (else still sending) one is shed "
+                        "(default: what the descriptor limit allows, at most 4096)")
     p.add_argument("--max-files", type=int, help=f"input files of a request, else 422 ({d.max_files})")
     p.add_argument("--max-path-depth", type=int, help=f"directories an input file's path goes down ({d.max_path_depth})")
     p.add_argument("--max-path-bytes", type=int, help=f"an input file's path, in bytes ({d.max_path_bytes})")
@@ -251,12 +265,30 @@ def bind(host: str, port: int) -> socket.socket:
     return sock  # not inheritable: only the fronts get it (pass_fds), never a worker
 
 
+def connection_limits(config: SandboxConfig, pool_here: bool) -> ConnectionLimits:
+    """A front's connection limits; the bound on open connections leaves descriptors for the rest of the
+    process (the workers' pipes too, where the pool lives in it)."""
+    budget = descriptor_budget(reserve=64 + (4 * config.workers if pool_here else 0))
+    wanted = config.max_connections or 4096
+    if wanted > budget:
+        logger.warning("--max-connections %d: only %d fit this process's descriptor limit", wanted, budget)
+    return ConnectionLimits(idle_timeout=config.idle_timeout, header_timeout=config.header_timeout,
+                            body_timeout=config.body_timeout, max_header_bytes=config.max_header_kb << 10,
+                            max_connections=min(wanted, budget))
+
+
 def serve_front(sock: socket.socket, config: SandboxConfig, token: str | None, log_level: str,
                 front: int = 0, pool: Any = None) -> int:
     import uvicorn
 
+    limits = connection_limits(config, pool_here=pool is None)
+    logger.info("connections: at most %d open, idle %gs, headers %gs and %d bytes, body %gs",
+                limits.max_connections, limits.idle_timeout, limits.header_timeout, limits.max_header_bytes,
+                limits.body_timeout)
     server = uvicorn.Server(uvicorn.Config(create_app(config, token, front, pool), log_level=log_level,
-                                           access_log=False, timeout_keep_alive=75))
+                                           access_log=False, http=guarded_protocol(limits),
+                                           timeout_keep_alive=config.idle_timeout,
+                                           h11_max_incomplete_event_size=limits.max_header_bytes + 4096))
     server.run(sockets=[sock])
     return 0 if server.started else 1
 
