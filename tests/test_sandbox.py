@@ -1196,3 +1196,31 @@ def test_idle_and_slow_connections_time_out(short_timeouts_server):
             time.sleep(0.3)
 
 
+def test_two_servers_on_one_host_never_share_sandbox_identities():
+    """Per-uid limits (RLIMIT_NPROC) counted across servers: a fork storm in one server's run made
+    fork() fail in the other's. Each server claims a range of uids of its own."""
+    import threading
+
+    from recipe.retool.sandbox.local import LocalSandbox
+
+    storm = ("import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+             "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\n"
+             "print(n, os.getuid(), flush=True)\ntime.sleep(5)")
+    starts = ("import os, subprocess\nprocs = [subprocess.Popen(['sh', '-c', 'exit 0']) for _ in range(4)]\n"
+              "print([p.wait() for p in procs], os.getuid())")
+    servers = [LocalSandbox(workers=1, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                            extra_args=["--preload", "math"]) for _ in range(2)]
+    try:
+        a, b = (s.wait() for s in servers)
+        stormed = {}
+        thread = threading.Thread(target=lambda: stormed.update(run(a, storm, run_timeout=10)))
+        thread.start()
+        time.sleep(2)  # the storm has taken every process it may
+        body = run(b, starts)
+        thread.join()
+    finally:
+        for s in servers:
+            s.stop()
+    assert body["status"] == "Success", body["run_result"]
+    forks, storm_uid = stormed["run_result"]["stdout"].split()
+    assert int(forks) >= 50 and body["run_result"]["stdout"].split("] ")[1].strip() != storm_uid, (stormed, body)

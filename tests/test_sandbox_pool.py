@@ -156,6 +156,24 @@ async def test_writing_input_files_counts_against_the_run_deadline():
         await pool.close()
 
 
+def test_uid_ranges_are_claimed_by_one_server_at_a_time(tmp_path):
+    """Servers on one host take disjoint uid ranges (a lock per block of uids, held while the server
+    lives); a range whose holder is gone is free again."""
+    from recipe.retool.sandbox.isolation import UID_BLOCK, claim_uids
+
+    (tmp_path / "a-file").write_text("")
+    dirs = (str(tmp_path / "a-file" / "locks"), str(tmp_path))  # the first cannot be made: the next one is used
+    a, held_a = claim_uids(1000, 3, dirs)
+    b, held_b = claim_uids(1000, UID_BLOCK + 1, dirs)  # two blocks, after the one taken
+    assert (a, b) == (1000, 1000 + UID_BLOCK)
+    for fd in held_a:
+        os.close(fd)
+    c, held_c = claim_uids(1000, 5, dirs)
+    assert c == 1000
+    for fd in held_b + held_c:
+        os.close(fd)
+
+
 # ---- the cgroup v2 layout of a server (a temporary tree stands in for the mount) ----
 
 

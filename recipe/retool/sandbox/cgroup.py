@@ -274,6 +274,11 @@ class SlotCgroup:
         if self.version == 1:
             os.write(self._peak, b"0")
 
+    @property
+    def bounds_pids(self) -> bool:
+        """Whether ``pids.max`` bounds the slot's processes (a v2 tree may delegate only memory)."""
+        return self._pids_max is not None
+
     def oom_kills(self) -> int:
         for line in os.pread(self._oom, 4096, 0).decode().splitlines():
             key, _, value = line.partition(" ")

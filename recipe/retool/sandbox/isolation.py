@@ -18,7 +18,8 @@ Per request (in the child, before the user's code; see ``worker.py``): a new pid
 request's first process is its pid 1: when it exits the kernel kills everything it left behind,
 and nothing outside it can be seen or signalled), new ipc and mount namespaces (fresh SysV IPC,
 private ``/tmp``, ``/dev/shm`` and ``/proc``), the slot's cgroup, uid/gid drop to a per-slot
-unprivileged uid when root (else every capability dropped), ``no_new_privs``, the seccomp filter
+unprivileged uid when root (from a range each server claims for itself, :func:`claim_uids`, so no
+two servers on a host share one; else every capability dropped), ``no_new_privs``, the seccomp filter
 (``seccomp.py``), rlimits, a scrubbed environment.
 
 Each step is tried and recorded in :class:`Capabilities`; the server refuses to start when a
@@ -367,11 +368,54 @@ def python_paths() -> list[str]:
     return sorted({os.path.realpath(p) for p in prefixes | libs})
 
 
+UID_BLOCK = 1024  # uids a server claims at a time
+UID_BLOCKS = 64  # ranges that servers on one host can claim: uid_base … uid_base + 64 × 1024
+UID_LOCK_DIRS = ("/run/retool-sandbox", "/tmp/retool-sandbox")  # the first one that can be used
+
+
+def claim_uids(base: int, count: int, lock_dirs: tuple[str, ...] = UID_LOCK_DIRS) -> tuple[int, list[int]]:
+    """Claim ``count`` consecutive uids for this server's runs, none of which another server on this
+    host holds: the first free range of blocks of :data:`UID_BLOCK` uids from ``base``. Returns its
+    first uid and the lock descriptors that hold it (an ``flock`` on one file per block, which the
+    kernel drops when the process exits, however it ends: a crashed server leaves nothing behind).
+    Per-uid counters (RLIMIT_NPROC, pending signals, inotify instances, …) then never cross servers.
+    RuntimeError when no directory can hold the locks or every range is taken."""
+    import fcntl
+
+    need = -(-count // UID_BLOCK)
+    errors = []
+    for lock_dir in lock_dirs:
+        try:
+            os.makedirs(lock_dir, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            errors.append(f"{lock_dir}: {exc}")
+            continue
+        for first in range(UID_BLOCKS - need + 1):
+            held: list[int] = []
+            try:
+                for block in range(first, first + need):
+                    fd = os.open(f"{lock_dir}/uids-{base + block * UID_BLOCK}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    held.append(fd)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                for fd in held:
+                    os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    continue  # another server holds a block of this range
+                errors.append(f"{lock_dir}: {exc}")
+                break
+            return base + first * UID_BLOCK, held
+        else:
+            errors.append(f"all {UID_BLOCKS} ranges of {need * UID_BLOCK} uids from {base} are taken by other servers")
+            break
+    raise RuntimeError(f"cannot claim sandbox uids: {'; '.join(errors)}")
+
+
 @dataclass
 class Limits:
     memory_bytes: int | None
     cpu_seconds: int
-    max_processes: int
+    max_processes: int | None  # RLIMIT_NPROC; None where the slot's pids cgroup bounds the run instead
     max_file_bytes: int
     max_open_files: int
 
@@ -385,7 +429,8 @@ def apply_limits(limits: Limits) -> None:
 
     setl(resource.RLIMIT_CORE, 0)
     setl(resource.RLIMIT_CPU, limits.cpu_seconds)
-    setl(resource.RLIMIT_NPROC, limits.max_processes)
+    if limits.max_processes is not None:  # a per-uid count: the pids cgroup, where there is one, is per run
+        setl(resource.RLIMIT_NPROC, limits.max_processes)
     setl(resource.RLIMIT_FSIZE, limits.max_file_bytes)
     setl(resource.RLIMIT_NOFILE, limits.max_open_files)
     if limits.memory_bytes:

@@ -60,7 +60,8 @@ class SandboxConfig:
     isolate: bool = True
     cgroups: bool = True  # per-request memory and pids budgets (required unless allow_unsafe)
     allow_unsafe: bool = False
-    uid_base: int = 200_000  # slot i's children run as uid_base + i (root only)
+    uid_base: int = 200_000  # root only: a server claims the first free range of uids from here, and
+    # slot i's children run as its first uid + i (isolation.claim_uids: no two servers on a host share one)
     spawn_timeout: float = 120.0
     grace_s: float = 10.0  # beyond run_timeout before a silent worker is declared dead
     kill_grace_s: float = 5.0  # after SIGKILL, before a run that will not end makes its worker unhealthy
@@ -272,8 +273,19 @@ class WorkerPool:
         self.cgroup_error: str | None = None
         self.stats: Counter[str] = Counter()
         self.started_at = time.time()
+        self.uid_base = config.uid_base  # the first uid of the range this server claimed (start)
+        self._uid_locks: list[int] = []
 
     async def start(self) -> None:
+        if self.config.isolate and os.geteuid() == 0:
+            from recipe.retool.sandbox.isolation import claim_uids
+
+            try:
+                self.uid_base, self._uid_locks = claim_uids(self.config.uid_base, self.config.workers)
+            except RuntimeError as exc:
+                if not self.config.allow_unsafe:
+                    raise
+                logger.warning("%s; runs use uids from %d, which other servers may share", exc, self.uid_base)
         if self.config.isolate and self.config.cgroups:
             from recipe.retool.sandbox import cgroup
 
@@ -291,6 +303,7 @@ class WorkerPool:
             if self._reaping:
                 await asyncio.gather(*self._reaping, return_exceptions=True)
             self._remove_cgroups()
+            self._release_uids()
             first = errors[0]
             if isinstance(first, BaseException) and not isinstance(first, Exception):
                 raise first
@@ -365,7 +378,7 @@ class WorkerPool:
 
     async def _spawn(self, slot: int) -> _Worker:
         cfg = asdict(self.config)
-        cfg.update(env=self.config.worker_env(), uid=self.config.uid_base + slot, slot=slot, cgroup=self.cgroup_plan)
+        cfg.update(env=self.config.worker_env(), uid=self.uid_base + slot, slot=slot, cgroup=self.cgroup_plan)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "recipe.retool.sandbox.worker", json.dumps(cfg),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -548,3 +561,9 @@ class WorkerPool:
         if self._reaping:
             await asyncio.gather(*self._reaping, return_exceptions=True)
         self._remove_cgroups()
+        self._release_uids()
+
+    def _release_uids(self) -> None:
+        for fd in self._uid_locks:
+            os.close(fd)
+        self._uid_locks = []

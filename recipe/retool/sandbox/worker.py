@@ -505,7 +505,9 @@ class Manager:
             # per process: the budget on top of what the warm interpreter already maps (a clean MemoryError)
             memory_bytes=zygote.base_vm + mem_mb * 1024 * 1024,
             cpu_seconds=int(float(req["run_timeout"])) + 1,
-            max_processes=self.cfg["max_processes"],
+            # RLIMIT_NPROC counts every process of the uid, not the run's: only where no pids cgroup
+            # bounds the run (the uid is this slot's alone, of a range this server claimed)
+            max_processes=None if self.cgroup is not None and self.cgroup.bounds_pids else self.cfg["max_processes"],
             max_file_bytes=self.cfg["max_file_mb"] * 1024 * 1024,
             max_open_files=self.cfg["max_open_files"],
         )
