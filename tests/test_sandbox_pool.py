@@ -174,6 +174,25 @@ def test_uid_ranges_are_claimed_by_one_server_at_a_time(tmp_path):
         os.close(fd)
 
 
+async def test_without_a_cgroup_memory_is_bounded_per_process_by_what_is_used():
+    """--allow-unsafe without a memory cgroup: each process's private writable memory is bounded
+    (RLIMIT_DATA), not its address space, so threads still start and an allocation past the budget is a
+    MemoryError."""
+    pool = WorkerPool(SandboxConfig(workers=1, preload=["math"], warmup=False, cgroups=False, allow_unsafe=True))
+    await pool.start()
+    try:
+        bomb = await pool.run({"code": "x = bytearray(2 * 1024**3)\nprint('allocated')", "run_timeout": 10,
+                               "memory_limit_MB": 256})
+        assert bomb["status"] == "Failed" and "MemoryError" in bomb["run_result"]["stderr"], bomb["run_result"]
+        threads = ("import concurrent.futures, threading\nbarrier = threading.Barrier(20, timeout=5)\n"
+                   "with concurrent.futures.ThreadPoolExecutor(max_workers=20) as ex:\n"
+                   "    print(len(list(ex.map(lambda i: barrier.wait(), range(20)))))")
+        ok = await pool.run({"code": threads, "run_timeout": 20})
+        assert ok["status"] == "Success" and ok["run_result"]["stdout"] == "20\n", ok["run_result"]
+    finally:
+        await pool.close()
+
+
 # ---- the cgroup v2 layout of a server (a temporary tree stands in for the mount) ----
 
 

@@ -17,7 +17,8 @@ Once per worker:
 Per request (in the child, before the user's code; see ``worker.py``): a new pid namespace (the
 request's first process is its pid 1: when it exits the kernel kills everything it left behind,
 and nothing outside it can be seen or signalled), new ipc and mount namespaces (fresh SysV IPC,
-private ``/tmp``, ``/dev/shm`` and ``/proc``), the slot's cgroup, uid/gid drop to a per-slot
+private ``/tmp``, ``/dev/shm`` and ``/proc``), the slot's cgroup (which bounds the memory a run
+uses, and its processes and threads), uid/gid drop to a per-slot
 unprivileged uid when root (from a range each server claims for itself, :func:`claim_uids`, so no
 two servers on a host share one; else every capability dropped), ``no_new_privs``, the seccomp filter
 (``seccomp.py``), rlimits, a scrubbed environment.
@@ -413,7 +414,10 @@ def claim_uids(base: int, count: int, lock_dirs: tuple[str, ...] = UID_LOCK_DIRS
 
 @dataclass
 class Limits:
-    memory_bytes: int | None
+    # RLIMIT_DATA (private writable memory of one process: heap, anonymous mappings, thread stacks), only
+    # where no memory cgroup bounds the run; None with one. Not RLIMIT_AS: address space counts what is
+    # reserved, not used (each thread's malloc arena reserves 64 MB: twenty threads did not fit 1 GB)
+    data_bytes: int | None
     cpu_seconds: int
     max_processes: int | None  # RLIMIT_NPROC; None where the slot's pids cgroup bounds the run instead
     max_file_bytes: int
@@ -433,14 +437,17 @@ def apply_limits(limits: Limits) -> None:
         setl(resource.RLIMIT_NPROC, limits.max_processes)
     setl(resource.RLIMIT_FSIZE, limits.max_file_bytes)
     setl(resource.RLIMIT_NOFILE, limits.max_open_files)
-    if limits.memory_bytes:
-        setl(resource.RLIMIT_AS, limits.memory_bytes)
+    if limits.data_bytes:
+        setl(resource.RLIMIT_DATA, limits.data_bytes)
 
 
-def current_address_space() -> int:
-    """Virtual memory already mapped by this process (the preloaded modules), in bytes."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[0]) * resource.getpagesize()
+def data_bytes() -> int:
+    """This process's private writable memory as RLIMIT_DATA counts it (VmData), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def resident_bytes() -> int:

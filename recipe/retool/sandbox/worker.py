@@ -361,7 +361,7 @@ class Stages:
 class Zygote:
     sock: socket.socket  # commands in, pid and exit status out
     pid: int
-    base_vm: int  # address space it maps: a run's RLIMIT_AS is this plus the request's budget
+    base_data: int  # its private writable memory: without a cgroup, a run's RLIMIT_DATA is this plus the budget
     warm_rss: int  # resident memory its children start with: the cgroup's budget is this plus the request's
 
 
@@ -371,7 +371,7 @@ def start_zygote(cfg: dict[str, Any], caps: Capabilities, cgroup_fds: list[int],
     The zygote joins the slot once, so each request child is born in it: moving a process between
     cgroups takes a lock that waits for an RCU grace period (9-15 ms on the development machine,
     on every other request), which a fork does not."""
-    base_vm, warm_rss = isolation.current_address_space(), isolation.resident_bytes()
+    base_data, warm_rss = isolation.data_bytes(), isolation.resident_bytes()
     sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -386,7 +386,7 @@ def start_zygote(cfg: dict[str, Any], caps: Capabilities, cgroup_fds: list[int],
         finally:  # never back into main() as a second manager; the worker sees a dead zygote
             os._exit(1)
     child_sock.close()
-    return Zygote(sock, pid, base_vm, warm_rss)
+    return Zygote(sock, pid, base_data, warm_rss)
 
 
 class Unhealthy(Exception):
@@ -502,8 +502,9 @@ class Manager:
             mem_mb = self.cfg["default_memory_mb"]
         mem_mb = min(int(mem_mb), self.cfg["max_memory_mb"])
         limits = Limits(
-            # per process: the budget on top of what the warm interpreter already maps (a clean MemoryError)
-            memory_bytes=zygote.base_vm + mem_mb * 1024 * 1024,
+            # the slot's memory cgroup bounds what the whole run uses (set_limits); without one, each
+            # process's private writable memory, on top of the warm interpreter's (a MemoryError)
+            data_bytes=None if self.cgroup is not None else zygote.base_data + mem_mb * 1024 * 1024,
             cpu_seconds=int(float(req["run_timeout"])) + 1,
             # RLIMIT_NPROC counts every process of the uid, not the run's: only where no pids cgroup
             # bounds the run (the uid is this slot's alone, of a range this server claimed)
