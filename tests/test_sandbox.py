@@ -1063,6 +1063,17 @@ def test_a_million_file_names_are_refused_without_stalling_the_front(sandbox_ser
     assert_healthy(sandbox_server)
 
 
+def test_bearer_scheme_is_matched_case_insensitively(token_server):
+    """RFC 7235: the auth scheme is case-insensitive; `bearer` and `BEARER` are the same scheme."""
+    code = {"code": "print(6 * 7)", "language": "python"}
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        r = httpx.post(token_server.url + "/run_code", json=code,
+                       headers={"Authorization": f"{scheme} {token_server.token}"}, timeout=30)
+        assert r.status_code == 200 and r.json()["run_result"]["stdout"] == "42\n", (scheme, r.status_code)
+    for wrong in (f"Basic {token_server.token}", f"Bearer{token_server.token}", f"bearer x{token_server.token}"):
+        assert httpx.post(token_server.url + "/run_code", json=code, headers={"Authorization": wrong}).status_code == 401
+
+
 def test_threads_start_under_the_default_memory_budget(sandbox_server):
     """Each thread's malloc arena reserves 64 MB of address space: under an address-space rlimit,
     ThreadPoolExecutor(max_workers=20) could not start its threads. Sixty live threads at once fit the

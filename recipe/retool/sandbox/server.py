@@ -11,8 +11,8 @@ which the fronts reach over Unix socket pairs (``fronts.py``): a request from an
 idle worker, however unevenly the connections spread over the fronts.
 
 Access: with ``RETOOL_SANDBOX_TOKEN`` set in the server's environment every endpoint but
-``/v1/ping`` needs ``Authorization: Bearer <token>`` (``--require-token`` refuses to start without
-one: a public deployment must). Without it the server stays open to clients that send no header
+``/v1/ping`` needs ``Authorization: Bearer <token>`` (the scheme in any case, as RFC 7235 has it;
+``--require-token`` refuses to start without one: a public deployment must). Without it the server stays open to clients that send no header
 (verl's helper, the official client), which is meant for loopback use.
 
 Connections (``connections.py``): idle ones are closed after ``--idle-timeout``, requests whose headers
@@ -86,8 +86,9 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.token is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:].strip(), self.token)):
+            # "<scheme> <credentials>", the scheme case-insensitive (RFC 7235: bearer, Bearer, BEARER)
+            scheme, _, given = headers.get(b"authorization", b"").strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)):
                 resp = _error(401, "missing or wrong bearer token (Authorization: Bearer …)",
                               {"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send)
