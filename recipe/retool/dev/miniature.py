@@ -360,7 +360,8 @@ class Miniature:
 
 
 def grpo_curve(metrics: dict[int, dict[str, float]], rollouts: Path) -> list[dict[str, float]]:
-    """Per training step: mean reward, accuracy (share of rollouts scored 1.0, i.e. correct) and turns."""
+    """Per training step: mean reward, accuracy (share of rollouts scored 1.0, i.e. correct), turns and
+    the reward's symbolic checks that timed out (from verl's rollout dumps)."""
     curve = []
     for step in sorted(metrics):
         m = metrics[step]
@@ -369,8 +370,10 @@ def grpo_curve(metrics: dict[int, dict[str, float]], rollouts: Path) -> list[dic
         point = {"step": step, "reward": m["critic/score/mean"], "turns": m.get("num_turns/mean", float("nan"))}
         dump = rollouts / f"{step}.jsonl"
         if dump.exists():
-            scores = [json.loads(line)["score"] for line in dump.open()]
-            point["acc"] = sum(s >= 1.0 for s in scores) / len(scores) if scores else float("nan")
+            rows = [json.loads(line) for line in dump.open()]
+            point["acc"] = sum(r["score"] >= 1.0 for r in rows) / len(rows) if rows else float("nan")
+            # reward checks that ran past reward_kwargs.verify_timeout (judged wrong)
+            point["verify_timeouts"] = int(sum(r.get("verify_timeout", 0) for r in rows))
         curve.append(point)
     return curve
 
@@ -430,6 +433,8 @@ def write_report(out: Path, s: MiniSettings, stages: list[Stage], results: dict[
         if val:
             lines.append(f"- {name}: training-time validation accuracy (verl, same split and sampling) "
                          + ", ".join(f"step {k}: {100 * v:.1f}%" for k, v in sorted(val.items(), key=lambda kv: int(kv[0]))))
+        late = sum(p.get("verify_timeouts", 0) for p in data["curve"])
+        lines.append(f"- {name}: reward checks past their time limit (judged wrong): {late} over {len(data['curve'])} steps")
     lines += ["", "| stage | status | time (s) | figures |", "|---|---|---|---|"]
     for st in stages:
         figs = "; ".join(f"{k}: {v}" for k, v in st.figures.items()) or "—"
