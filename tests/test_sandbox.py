@@ -1090,6 +1090,21 @@ def test_threads_start_under_the_default_memory_budget(sandbox_server):
     assert body["status"] == "Success" and body["run_result"]["stdout"] == "20 20\n60 60\n", body["run_result"]
 
 
+def test_cpu_time_spent_on_several_cores_is_a_time_limit(sandbox_server):
+    """Threads that release the GIL use more than one core: the CPU-time rlimit (seconds of CPU, not of
+    the wall clock) could strike before the deadline, as SIGKILL, reported as a kill (return code -9)
+    instead of TimeLimitExceeded. A run_timeout just under a whole second makes a tenth of a second of
+    parallelism enough."""
+    code = ("import hashlib, threading, time\ndata = b'x' * (1 << 20)\n"
+            "def spin():\n    while True:\n        hashlib.sha256(data).digest()\n"
+            "for _ in range(3):\n    threading.Thread(target=spin, daemon=True).start()\ntime.sleep(60)")
+    for _ in range(4):
+        body = run(sandbox_server, code, run_timeout=0.99)
+        rr = body["run_result"]
+        assert body["status"] == "Failed" and rr["status"] == "TimeLimitExceeded" and rr["return_code"] is None, rr
+    assert_healthy(sandbox_server)
+
+
 def test_request_headers_are_bounded_with_431(sandbox_server):
     """One header of hundreds of MB was read into memory whole: headers past 64 KiB in all are answered
     431 without being kept, whether one huge header or many small ones."""

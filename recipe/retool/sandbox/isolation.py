@@ -418,7 +418,7 @@ class Limits:
     # where no memory cgroup bounds the run; None with one. Not RLIMIT_AS: address space counts what is
     # reserved, not used (each thread's malloc arena reserves 64 MB: twenty threads did not fit 1 GB)
     data_bytes: int | None
-    cpu_seconds: int
+    cpu_seconds: int  # RLIMIT_CPU's soft limit (SIGXCPU); the hard one (SIGKILL) a second later
     max_processes: int | None  # RLIMIT_NPROC; None where the slot's pids cgroup bounds the run instead
     max_file_bytes: int
     max_open_files: int
@@ -426,13 +426,15 @@ class Limits:
 
 def apply_limits(limits: Limits) -> None:
     """In the request child, before running user code."""
-    def setl(which: int, value: int) -> None:
+    def setl(which: int, value: int, hard_value: int | None = None) -> None:
         _, hard = resource.getrlimit(which)
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value))
+        cap = (lambda v: v) if hard == resource.RLIM_INFINITY else (lambda v: min(v, hard))
+        resource.setrlimit(which, (cap(value), cap(value if hard_value is None else hard_value)))
 
     setl(resource.RLIMIT_CORE, 0)
-    setl(resource.RLIMIT_CPU, limits.cpu_seconds)
+    # soft below hard: the kernel sends SIGXCPU at the soft limit (a time limit, as the worker reports
+    # it); at a hard limit equal to it, it would send SIGKILL at once, which reads as any other kill
+    setl(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)
     if limits.max_processes is not None:  # a per-uid count: the pids cgroup, where there is one, is per run
         setl(resource.RLIMIT_NPROC, limits.max_processes)
     setl(resource.RLIMIT_FSIZE, limits.max_file_bytes)

@@ -44,6 +44,7 @@ import gc
 import importlib
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -410,6 +411,7 @@ class Manager:
         self.area = AREA if caps.allowlisted_root else tempfile.mkdtemp(prefix="retool-sandbox-")
         self.workdir = f"{self.area}/work"
         self.uid = int(cfg["uid"]) if caps.uid_drop else -1
+        self.cores = len(os.sched_getaffinity(0))  # as many as a run's threads can use at once
         if self.uid >= 0:
             os.setgroups([])  # no supplementary groups while reading files as the sandbox uid
 
@@ -505,7 +507,9 @@ class Manager:
             # the slot's memory cgroup bounds what the whole run uses (set_limits); without one, each
             # process's private writable memory, on top of the warm interpreter's (a MemoryError)
             data_bytes=None if self.cgroup is not None else zygote.base_data + mem_mb * 1024 * 1024,
-            cpu_seconds=int(float(req["run_timeout"])) + 1,
+            # CPU seconds, counted over all of a process's threads: a process on every core may spend
+            # run_timeout × cores of them before the wall-clock deadline, which must come first
+            cpu_seconds=math.ceil(float(req["run_timeout"]) * self.cores) + 1,
             # RLIMIT_NPROC counts every process of the uid, not the run's: only where no pids cgroup
             # bounds the run (the uid is this slot's alone, of a range this server claimed)
             max_processes=None if self.cgroup is not None and self.cgroup.bounds_pids else self.cfg["max_processes"],
@@ -603,7 +607,9 @@ class Manager:
         else:
             sig = os.WTERMSIG(wait_status)
             return_code = -sig
-            run_status = "TimeLimitExceeded" if sig == signal.SIGXCPU else "Finished"
+            # the CPU-time rlimit: SIGXCPU, or SIGKILL at the hard limit when SIGXCPU was caught or ignored
+            over_cpu = sig == signal.SIGKILL and not oom and cpu is not None and cpu >= limits.cpu_seconds
+            run_status = "TimeLimitExceeded" if sig == signal.SIGXCPU or over_cpu else "Finished"
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             stderr += f"\n[killed by signal {name}]"
         if oom:
