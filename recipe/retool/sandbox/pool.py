@@ -35,7 +35,7 @@ class SandboxConfig:
     default_memory_mb: int = 1024  # when a request sends no (or a non-positive) memory_limit_MB
     max_memory_mb: int = 8192
     max_run_timeout: float = 300.0
-    max_processes: int = 64  # processes and threads of one request (pids cgroup; RLIMIT_NPROC too)
+    max_processes: int = 64  # processes and threads of one request (pids cgroup, else RLIMIT_NPROC)
     max_file_mb: int = 64
     max_open_files: int = 256
     max_output_bytes: int = 256 * 1024  # per stream; the rest is counted and replaced by a marker
