@@ -23,7 +23,7 @@ def test_step_lines_and_curve_come_from_verl_log_and_rollout_dumps(tmp_path):
     metrics = parse_step_metrics(log)
     assert metrics[1]["critic/score/mean"] == -0.5 and metrics[1]["num_turns/mean"] == 3.5
     assert metrics[2]["val-core/aime24/acc/mean@4"] == 0.625
-    (tmp_path / "2.jsonl").write_text("".join(json.dumps({"score": s, "verify_timeout": float(s == -0.9)}) + "\n" for s in (1.0, -1.0, -0.9, 1.0)))
+    (tmp_path / "2.jsonl").write_text("".join(json.dumps({"score": s, "verify_timed_out": float(s == -0.9)}) + "\n" for s in (1.0, -1.0, -0.9, 1.0)))
     curve = grpo_curve(metrics, tmp_path)
     assert [p["step"] for p in curve] == [1, 2] and "acc" not in curve[0] and curve[1]["acc"] == 0.5
     assert curve[1]["verify_timeouts"] == 1

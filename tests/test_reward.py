@@ -135,12 +135,12 @@ def test_compute_score_values_and_shaping():
     right = "work " + TOOL_TURN + "\\boxed{42}"
     wrong9 = ("x " + TOOL_TURN) * 9 + "\\boxed{41}"
     r = compute_score(data_source="aime24", solution_str=right, ground_truth="42", extra_info=verl_extra_info(1))
-    assert r == {"score": 1.0, "acc": 1.0, "pred": "42", "num_tool_calls": 1, "verify_timeout": 0.0}
+    assert r == {"score": 1.0, "acc": 1.0, "pred": "42", "num_tool_calls": 1, "verify_timed_out": 0.0}
     assert compute_score(solution_str="\\boxed{41}", ground_truth="42", extra_info=verl_extra_info(0))["score"] == -1.0
     assert compute_score(solution_str=wrong9, ground_truth="42", extra_info=verl_extra_info(9))["score"] == pytest.approx(-0.6)
     assert compute_score(solution_str=wrong9, ground_truth="42", extra_info=verl_extra_info(9), tool_bonus=0)["score"] == -1.0
     assert compute_score(solution_str="no answer", ground_truth="42", extra_info=verl_extra_info(0)) == {
-        "score": -1.0, "acc": 0.0, "pred": "", "num_tool_calls": 0, "verify_timeout": 0.0}
+        "score": -1.0, "acc": 0.0, "pred": "", "num_tool_calls": 0, "verify_timed_out": 0.0}
 
 
 def test_tool_rounds_without_a_tool_output_marker_accept_no_answer():
@@ -240,7 +240,7 @@ def score(answer):
     started = time.monotonic()
     out = compute_score(solution_str="\\\\boxed{{" + answer + "}}", ground_truth="7", extra_info={{"num_turns": 2}},
                         verify_timeout=1.5)
-    return out["acc"], out["verify_timeout"], time.monotonic() - started
+    return out["acc"], out["verify_timed_out"], time.monotonic() - started
 
 with ThreadPoolExecutor(4) as pool:
     results = list(pool.map(score, {PATHOLOGICAL!r}))

@@ -6,18 +6,20 @@ signals, so they work only in a process's main thread, and verl calls the reward
 threads (``run_in_executor``) and Ray actors; worse, a big-integer power runs inside one C call
 that holds the GIL, so no thread-based time-out can interrupt it either: the whole process stalls.
 
-So the check runs in a child process (from a pool shared by the calling threads: one per check in
-flight, started on first use and reused), and the caller waits at most ``timeout`` seconds for its
-answer. When the answer is late the child is
-killed (it is restarted at the next call) and the check counts as **not equivalent**: a
-pathological answer is judged wrong, never correct. Time-outs are counted (:func:`timeouts`).
+So the check runs in a child process, and the caller waits at most ``timeout`` seconds for its
+answer. Children come from a pool shared by the calling threads: one per check in flight, started
+on first use and reused, at most :data:`MAX_IDLE` kept idle. When an answer is late the child is
+killed (a new one starts at the next call) and the check counts as **not equivalent**: a
+pathological answer is judged wrong, never correct. Time-outs are counted (:func:`timeouts`) and
+logged with the answer.
 
 The child speaks JSON lines on its stdin/stdout: ``{"gold": …, "guess": …}`` → ``{"equal": bool}``.
-It exits when its stdin closes, so it never outlives the process that started it.
+It exits when its stdin closes, that is when the process that started it exits or kills it; a
+check already running when the parent dies finishes first (it is never longer than SymPy takes).
+A child that cannot start (math-verify missing, say) raises :class:`VerifierError` with its stderr.
 
-What this does not bound: the fast paths of :func:`recipe.retool.reward.is_equivalent` (string and
-number comparison, linear in the answer's length) run in the caller; only the symbolic step is
-sent here.
+What this does not bound: the fast paths of :func:`recipe.retool.reward.judge` (string and number
+comparison, linear in the answer's length) run in the caller; only the symbolic step is sent here.
 """
 
 from __future__ import annotations
@@ -35,30 +37,31 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 120.0  # importing SymPy and math-verify in a fresh process (not counted against a check)
-_lock = threading.Lock()
-_idle: list[_Child] = []  # children waiting for a check
-_owner = os.getpid()  # a forked copy of this process starts its own children
-_timeouts = 0
+MAX_IDLE = 4  # idle children kept for reuse (each holds SymPy: ~60 MB)
 
 
-def timeouts() -> int:
-    """Symbolic checks that ran past their time in this process so far."""
-    return _timeouts
+class VerifierError(RuntimeError):
+    """The verifier process could not be started."""
 
 
 class _Child:
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "recipe.retool.bounded_verify"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, bufsize=1)
         if self._read(START_TIMEOUT_S) != {"ready": True}:
             self.kill()
-            raise RuntimeError("the symbolic verifier process did not start")
+            err = (self.proc.stderr.read() if self.proc.stderr else "").strip()
+            raise VerifierError("the symbolic verifier process did not start"
+                                + (f": {err.splitlines()[-1]}" if err else f" within {START_TIMEOUT_S:.0f}s"))
+        self.proc.stderr.close()  # nothing more is read from it; a full pipe must not block the child
 
     def _read(self, timeout: float) -> dict | None:
+        """One answer line, or None when none came within ``timeout`` (poll: any descriptor number)."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, timeout))
-        if not ready:
+        poller = select.poll()
+        poller.register(self.proc.stdout.fileno(), select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000):
             return None
         line = self.proc.stdout.readline()
         return json.loads(line) if line else None
@@ -74,42 +77,75 @@ class _Child:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
 
-def _take() -> _Child:
-    global _owner
-    with _lock:
-        if _owner != os.getpid():
-            _idle.clear()
-            _owner = os.getpid()
-        while _idle:
-            child = _idle.pop()
-            if child.proc.poll() is None:
-                return child
-    return _Child()
+class _Pool:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[_Child] = []
+        self.timeouts = 0
+
+    def take(self) -> _Child:
+        with self.lock:
+            while self.idle:
+                child = self.idle.pop()
+                if child.proc.poll() is None:
+                    return child
+        return _Child()
+
+    def give_back(self, child: _Child) -> None:
+        with self.lock:
+            if len(self.idle) < MAX_IDLE:
+                self.idle.append(child)
+                return
+        child.kill()
+
+
+_pool = _Pool()
+
+
+def _forget_parents_children() -> None:
+    """In a forked child: the parent's verifier processes and lock are not ours (the lock may be held)."""
+    global _pool
+    _pool = _Pool()
+
+
+os.register_at_fork(after_in_child=_forget_parents_children)
+
+
+def timeouts() -> int:
+    """Symbolic checks that ran past their time in this process so far."""
+    return _pool.timeouts
 
 
 def symbolically_equal(gold: str, guess: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool | None:
     """math-verify's ``verify(parse(gold), parse(guess))`` within ``timeout`` seconds; None when late
-    (the caller judges that *not* equivalent)."""
-    global _timeouts
-    child = _take()
+    (the caller judges that *not* equivalent). :class:`VerifierError` when no verifier can start."""
+    pool = _pool
+    child = pool.take()
     started = time.monotonic()
     try:
         result = child.check(gold, guess, timeout)
-    except (OSError, ValueError):  # the child died under us (broken pipe, truncated line)
+    except (OSError, ValueError) as exc:  # the child died under us (broken pipe, truncated line)
         child.kill()
+        logger.warning("reward: the symbolic verifier failed (%s: %s); judged not equivalent: %.80r",
+                       type(exc).__name__, exc, guess)
         return False
     if result is None:
         child.kill()
-        with _lock:
-            _timeouts += 1
-            count = _timeouts
+        with pool.lock:
+            pool.timeouts += 1
+            count = pool.timeouts
         logger.warning("reward: a symbolic check ran past %.1fs and was judged wrong (%d time-outs so far): %.80r",
                        time.monotonic() - started, count, guess)
         return None
-    with _lock:
-        _idle.append(child)
+    pool.give_back(child)
     return result
 
 

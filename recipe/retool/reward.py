@@ -227,7 +227,7 @@ def compute_score(
     **_: Any,
 ) -> dict[str, Any]:
     """verl's entry point. ``num_tool_calls`` overrides the rollout metadata (callers that saw the calls);
-    ``verify_timeout`` bounds the symbolic check (seconds; a late check is wrong, and ``verify_timeout``
+    ``verify_timeout`` bounds the symbolic check (seconds; a late check is wrong, and ``verify_timed_out``
     in the result says so: verl logs it with validation metrics and writes it to the rollout dumps)."""
     from_rollout = num_tool_calls is None
     calls = rollout_tool_calls(extra_info) if from_rollout else num_tool_calls
@@ -243,5 +243,5 @@ def compute_score(
         pred = extract_answer(solution_str)
         correct, late = judge(pred, ground_truth, verify_timeout) if pred is not None else (False, False)
     return {"score": shaped_score(correct, calls, tool_bonus, max_wrong_score), "acc": float(correct),
-            "pred": pred or "", "num_tool_calls": int(calls), "verify_timeout": float(late)}
+            "pred": pred or "", "num_tool_calls": int(calls), "verify_timed_out": float(late)}
 

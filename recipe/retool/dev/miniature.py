@@ -373,7 +373,7 @@ def grpo_curve(metrics: dict[int, dict[str, float]], rollouts: Path) -> list[dic
             rows = [json.loads(line) for line in dump.open()]
             point["acc"] = sum(r["score"] >= 1.0 for r in rows) / len(rows) if rows else float("nan")
             # reward checks that ran past reward_kwargs.verify_timeout (judged wrong)
-            point["verify_timeouts"] = int(sum(r.get("verify_timeout", 0) for r in rows))
+            point["verify_timeouts"] = int(sum(r.get("verify_timed_out", 0) for r in rows))
         curve.append(point)
     return curve
 
