@@ -230,10 +230,12 @@ def test_sandbox_uses_warm_preloaded_modules(sandbox_server):
     caps = body["capabilities"]
     assert caps["net_namespace"] and caps["pid_namespace"] and caps["allowlisted_root"] and caps["seccomp"]
     assert caps["cgroup"] in ("v1", "v2") and body["status"] == "ok" and body["live"] == body["workers"]
-    t = time.perf_counter()
-    res = run(sandbox_server, "import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x))")
-    assert res["run_result"]["stdout"] == "[-2, 2]\n"
-    assert time.perf_counter() - t < 2.0  # a cold `import sympy` alone takes about this long
+    # timed inside the run, so that a loaded machine's queueing and start-up do not count: a warm
+    # import is a dictionary lookup, a cold `import sympy` takes about 2 s
+    res = run(sandbox_server, "import time\nt = time.perf_counter()\nimport sympy as sp\n"
+              "took = time.perf_counter() - t\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x), took)")
+    solved, took = res["run_result"]["stdout"].rsplit(" ", 1)
+    assert solved == "[-2, 2]" and float(took) < 0.5, res["run_result"]
 
 
 def test_health_reports_where_request_time_goes(sandbox_server):
@@ -1059,7 +1061,9 @@ def test_a_million_file_names_are_refused_without_stalling_the_front(sandbox_ser
     r = post_raw(sandbox_server, body, timeout=60)
     took = time.time() - t
     assert r.status_code == 422 and "--max-files" in r.text, (r.status_code, r.text[:300])
-    assert took < 2, took
+    # the old code took 2.8 s here (and answered with an error, not 422), this one 0.7 s; the bound
+    # leaves room for a loaded machine
+    assert took < 5, took
     assert_healthy(sandbox_server)
 
 
@@ -1109,24 +1113,88 @@ def test_cpu_time_spent_on_several_cores_is_a_time_limit(sandbox_server):
 def test_request_headers_are_bounded_with_431(sandbox_server):
     """One header of hundreds of MB was read into memory whole: headers past 64 KiB in all are answered
     431 without being kept, whether one huge header or many small ones."""
-    pid = sandbox_server.proc.pid
+    # the processes that parse requests: the fronts where there are several (one per 4 cores), else
+    # the server's own process
+    fronts = [p for p in descendants(sandbox_server.proc.pid)
+              if b"recipe.retool.sandbox.fronts" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    parsers = fronts or [sandbox_server.proc.pid]
 
-    def peak_kb() -> int:
+    def peak_kb(pid: int) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
         raise AssertionError("no VmHWM")
 
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
-    before = peak_kb()
+    for pid in parsers:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
+    before = {pid: peak_kb(pid) for pid in parsers}
     r = httpx.get(sandbox_server.url + "/v1/ping", headers={"X-Fill": "a" * (4 << 20)}, timeout=30)
     assert r.status_code == 431 and "65536" in r.text, (r.status_code, r.text[:200])
-    grew = peak_kb() - before
-    assert grew < 2048, f"the server's peak memory grew by {grew} KiB"
+    grew = max(peak_kb(pid) - before[pid] for pid in parsers)
+    assert grew < 2048, f"the front's peak memory grew by {grew} KiB"
     many = {f"X-H{i}": "v" * 40 for i in range(2000)}
     assert httpx.get(sandbox_server.url + "/v1/ping", headers=many, timeout=30).status_code == 431
     fine = httpx.get(sandbox_server.url + "/v1/ping", headers={"X-Fill": "b" * (32 << 10)}, timeout=30)
     assert fine.status_code == 200 and fine.text == "pong"
+    assert_healthy(sandbox_server)
+
+
+def _exchange(port: int, data: bytes, wait: float = 10) -> bytes:
+    """Send ``data`` on a new connection (as much of it as the server takes) and return what comes back
+    until the server closes the connection or answers in full."""
+    import socket
+
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass  # refused midway: the answer may still be there to read
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+            head, sep, rest = got.partition(b"\r\n\r\n")
+            length = [int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                      if k.strip().lower() == b"content-length"]
+            if sep and length and len(rest) >= length[0]:
+                break
+    return got
+
+
+@pytest.mark.parametrize("blank", [b"\r\n\r\n", b"\n\n", b"\r\n"], ids=["crlf-crlf", "lf-lf", "crlf"])
+def test_blank_lines_before_the_request_line_do_not_escape_the_header_limit(sandbox_server, blank):
+    """The parser skips blank lines before a request line, but the header count took the first blank
+    line for the end of the headers and stopped counting: a 1 MiB header behind a leading CRLF CRLF (or
+    LF LF) was delivered with 200. Leading blank lines are skipped by the count too (and counted)."""
+    big = blank + b"GET /v1/ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"
+    got = _exchange(sandbox_server.port, big)
+    assert got.startswith(b"HTTP/1.1 431"), got[:200]
+    small = _exchange(sandbox_server.port, blank + b"GET /v1/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert small.startswith(b"HTTP/1.1 200") and small.endswith(b"pong"), small[:300]
+    lines = _exchange(sandbox_server.port, b"\r\n" * (40 << 10) + b"GET /v1/ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert lines.startswith(b"HTTP/1.1 431"), lines[:200]  # 80 KiB of blank lines count as header bytes
+
+
+def test_chunked_trailers_count_against_the_header_limit(sandbox_server):
+    """Trailers after a chunked body's last chunk are headers too (the server adds them to the request's
+    headers), but neither the header limit nor the body limit saw them: 4 MiB of trailer got 200."""
+    head = (b"POST /run_code HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    body = json.dumps({"code": "print(1)"}).encode()
+    chunk = b"%x\r\n%s\r\n" % (len(body), body)
+    got = _exchange(sandbox_server.port, head + chunk + b"0\r\nX-T: " + b"t" * (4 << 20) + b"\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 431"), got[:200]
+    # a chunked body in pieces, with a small trailer, is served as before
+    pieces = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:5], body[5:]))
+    ok = _exchange(sandbox_server.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                   + pieces + b"0\r\nX-T: small\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200") and b'"stdout": "1\\n"' in ok, ok[:400]
     assert_healthy(sandbox_server)
 
 
@@ -1245,6 +1313,39 @@ def test_idle_and_slow_connections_time_out(short_timeouts_server):
         for _ in range(3):
             assert client.get("/v1/ping").text == "pong"
             time.sleep(0.3)
+
+
+def test_an_answer_the_client_never_reads_does_not_hold_the_connection(short_timeouts_server):
+    """A client that asks for a large answer (16 MiB of fetched files) and never reads it kept the
+    connection, and the answer in the front's memory, for as long as it liked: writing was paused by
+    back-pressure with no deadline. Paused longer than --body-timeout (1 s here), the connection is
+    dropped."""
+    import socket
+
+    code = "import os\nopen('f', 'wb').write(os.urandom(12 << 20))"
+    req = json.dumps({"code": code, "fetch_files": ["f"], "run_timeout": 20}).encode()
+    head = b"POST /run_code HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little of the answer for us
+    s.connect(("127.0.0.1", short_timeouts_server.port))
+    try:
+        s.sendall(head % len(req) + req)
+        time.sleep(6)  # the run, then the answer waits on a client that does not read
+        s.settimeout(5)
+        got = b""
+        try:
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    finally:
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    size = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    # before: the whole answer (16 MiB) was there to read, seconds later; now the connection is gone
+    # (reset, or closed partway)
+    assert not (size and len(body) >= size[0]), f"the whole answer of {size[0]} bytes was still there to read"
+    assert httpx.get(short_timeouts_server.url + "/v1/ping", timeout=10).text == "pong"
 
 
 def test_two_servers_on_one_host_never_share_sandbox_identities():

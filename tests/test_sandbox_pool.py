@@ -148,7 +148,9 @@ async def test_writing_input_files_counts_against_the_run_deadline():
         resp = await asyncio.wait_for(pool.run({"code": "print(1)", "run_timeout": 0.1, "files": files}), 60)
         took = time.monotonic() - t
         assert resp["status"] == "Failed" and resp["run_result"]["status"] == "TimeLimitExceeded", resp
-        assert "input files" in resp["message"] and took < 1.5, (took, resp["message"])
+        # the old code answered only when the pool gave up on the worker (run_timeout + grace_s, 2.1 s
+        # at least) and replaced it, which the restart count below also catches
+        assert "input files" in resp["message"] and took < 2.0, (took, resp["message"])
         ok = await asyncio.wait_for(pool.run({"code": "print(2)", "run_timeout": 5}), 30)
         assert ok["run_result"]["stdout"] == "2\n"
         assert pool.stats["worker_restarts"] == 0 and pool.health()["status"] == "ok", pool.health()
@@ -172,6 +174,79 @@ def test_uid_ranges_are_claimed_by_one_server_at_a_time(tmp_path):
     assert c == 1000
     for fd in held_b + held_c:
         os.close(fd)
+
+
+def test_uid_locks_are_not_taken_in_a_directory_another_user_could_have_made(tmp_path):
+    """The lock directory falls back to /tmp, where any local user can make it first: root then created
+    lock files through that user's symlinks, or found every lock held. A directory that is not the
+    server's own or that others may write is refused, and a lock file that is a symlink is not followed."""
+    from recipe.retool.sandbox.isolation import claim_uids
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp itself: anyone may add files
+    try:
+        held = claim_uids(1000, 3, (str(shared),))[1]
+        for fd in held:
+            os.close(fd)
+        raise AssertionError("locks were taken in a world-writable directory")
+    except RuntimeError as exc:
+        assert "shared" in str(exc), exc
+    linked = tmp_path / "linked"
+    linked.mkdir(mode=0o755)
+    target = tmp_path / "elsewhere"
+    (linked / "uids-1000.lock").symlink_to(target)
+    try:
+        held = claim_uids(1000, 3, (str(linked),))[1]
+        for fd in held:
+            os.close(fd)
+        raise AssertionError("a symlinked lock file was followed")
+    except RuntimeError:
+        pass
+    assert not target.exists()
+    (tmp_path / "dir-link").symlink_to(tmp_path / "own")
+    (tmp_path / "own").mkdir(mode=0o755)
+    try:
+        claim_uids(1000, 3, (str(tmp_path / "dir-link"),))
+        raise AssertionError("a symlinked lock directory was used")
+    except RuntimeError:
+        pass
+    own = tmp_path / "private"
+    first, held = claim_uids(1000, 3, (str(own),))  # made here, the server's own, 0755: used
+    assert first == 1000 and (own / "uids-1000.lock").is_file()
+    for fd in held:
+        os.close(fd)
+
+
+def test_the_seccomp_start_up_check_probes_a_family_every_kernel_has(monkeypatch):
+    """The start-up check probed the socket filter with AF_VSOCK, which answers EAFNOSUPPORT anyway on a
+    host without the vsock module: a filter that let other families through still passed. It probes
+    AF_NETLINK, which every Linux kernel has, so a filter that allows it fails the check."""
+    from recipe.retool.sandbox import seccomp, worker
+
+    monkeypatch.setattr(seccomp, "_compiled", {})
+    assert worker._seccomp_works()
+    monkeypatch.setattr(seccomp, "_compiled", {})
+    monkeypatch.setattr(seccomp, "ALLOWED_FAMILIES", (*seccomp.ALLOWED_FAMILIES, 16))  # + AF_NETLINK
+    assert not worker._seccomp_works()
+
+
+async def test_without_a_cgroup_a_shared_mapping_is_bounded_too():
+    """--allow-unsafe without a memory cgroup: RLIMIT_DATA does not count shared anonymous memory, so
+    with a 1 GiB budget a 4 GiB shared mapping was made (and could be filled). A generous address-space
+    limit (twice the budget and room for threads, over the warm interpreter) stands behind it there."""
+    pool = WorkerPool(SandboxConfig(workers=1, preload=["math"], warmup=False, cgroups=False, allow_unsafe=True))
+    await pool.start()
+    try:
+        code = ("import mmap\ntry:\n    m = mmap.mmap(-1, 4 << 30)\n    print('mapped')\n"
+                "except (OSError, MemoryError) as exc:\n    print('refused', type(exc).__name__)")
+        resp = await pool.run({"code": code, "run_timeout": 10, "memory_limit_MB": 1024})
+        assert resp["run_result"]["stdout"].startswith("refused"), resp["run_result"]
+        fits = ("import mmap\nm = mmap.mmap(-1, 512 << 20)\nm[::4096] = b'x' * (128 << 10)\nprint('ok')")
+        resp = await pool.run({"code": fits, "run_timeout": 10, "memory_limit_MB": 1024})
+        assert resp["run_result"]["stdout"] == "ok\n", resp["run_result"]
+    finally:
+        await pool.close()
 
 
 async def test_without_a_cgroup_memory_is_bounded_per_process_by_what_is_used():
@@ -283,11 +358,12 @@ async def test_one_pool_serves_every_front_and_a_front_that_goes_away_gives_its_
             await front.start()
             await asyncio.wait_for(ready[i].wait(), 10)
             assert front.capabilities == pool.capabilities and front.cgroup_plan == pool.cgroup_plan
-        sleep = {"code": "import time; time.sleep(1.5); print(7)", "run_timeout": 10}
+        sleep = {"code": "import time; time.sleep(3); print(7)", "run_timeout": 10}
         t = time.perf_counter()
         outs = await asyncio.gather(fronts[0].run(sleep), fronts[0].run(sleep))
         assert [o["run_result"]["stdout"] for o in outs] == ["7\n", "7\n"]
-        assert time.perf_counter() - t < 2.8  # side by side on both workers, not one after the other
+        # side by side on both workers (3 s and a little), not one after the other (6 s at least)
+        assert time.perf_counter() - t < 5
         report = await fronts[1].report()
         assert report["requests_by_front"] == [2, 0] and report["stats"]["requests"] == 2
         assert report["workers"] == report["live"] == 2 and report["status"] == "ok"

@@ -13,8 +13,13 @@ installed, else h11) that adds, per front process (``ConnectionLimits`` from ``S
   past it, 408 and close;
 - **body timeout** (``--body-timeout``): from the end of the headers to the end of the body; 408;
 - **header size** (``--max-header-kb``, 64 KiB): the request line and headers together, counted as
-  the bytes arrive and before the parser keeps them; past it, 431 (the rest is read and dropped for a
-  moment, so that the client sees the answer, then the connection is closed);
+  the bytes arrive and before the parser keeps them, blank lines before the request line included (the
+  parser skips them); past it, 431 (the rest is read and dropped for a moment, so that the client sees
+  the answer, then the connection is closed). A chunked body's trailers are headers too, which the
+  parser keeps: what a body sends beyond its own bytes (chunk framing and trailers) is bounded by the
+  same limit plus half the body's size (431 past it);
+- **an answer the client does not read** (writing paused by back-pressure) for longer than the body
+  timeout: the connection is dropped, and the answer with it;
 - **a bound on open connections** (``--max-connections``; by default what the descriptor limit allows,
   which the front first raises to its hard limit): a connection past it sheds the oldest connection
   that is idle, or else the oldest still sending its request (503); a connection whose request has
@@ -50,6 +55,8 @@ class ConnectionLimits:
     body_timeout: float = 60.0
     max_header_bytes: int = 64 << 10
     max_connections: int = 4096
+    # also: how long writing an answer may stay paused because the client does not read it
+    # (body_timeout above)
 
 
 def descriptor_budget(reserve: int) -> int:
@@ -82,6 +89,7 @@ class _Registry:
         self.idle: OrderedDict[Any, None] = OrderedDict()  # oldest first: by when each became idle
         self.reading: OrderedDict[Any, None] = OrderedDict()  # oldest first: by when its request began
         self.closing: OrderedDict[Any, None] = OrderedDict()
+        self.stalled: OrderedDict[Any, None] = OrderedDict()  # writing paused: the client does not read
         self.tick = max(0.05, min(1.0, limits.idle_timeout / 4, limits.header_timeout / 4, limits.body_timeout / 4))
         self.sweeper: asyncio.TimerHandle | None = None
 
@@ -111,6 +119,7 @@ class _Registry:
     def leave(self, conn: Any) -> None:
         self.count -= 1
         self.place(conn, "")
+        self.stalled.pop(conn, None)
 
     def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         now = time.monotonic()
@@ -120,6 +129,9 @@ class _Registry:
             conn.expire()
         for conn in [c for c in list(self.reading) + list(self.closing) if c.deadline <= now]:
             conn.expire()
+        for conn in [c for c in self.stalled if c.write_deadline <= now]:
+            self.stalled.pop(conn, None)
+            conn.transport.abort()  # no answer can reach a client that does not read: drop it all
         self.sweeper = loop.call_later(self.tick, self.sweep, loop)
 
 
@@ -131,6 +143,8 @@ class _Guard:
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         self.phase, self.in_message, self.counting, self.head, self.tail = _IDLE, False, False, 0, b""
+        self.started, self.after_head, self.body_bytes = False, 0, 0
+        self.write_deadline = float("inf")
         self.deadline = time.monotonic() + self.registry.limits.idle_timeout
         self.registry.admit(self, self.loop)  # type: ignore[attr-defined]
 
@@ -147,17 +161,47 @@ class _Guard:
         if self.phase == _CLOSING:
             return  # the rest of a refused request: dropped
         self._message_begins()
+        limit = self.registry.limits.max_header_bytes
         if self.counting:
             buf = self.tail + data
-            end = _head_end(buf)
+            if not self.started:
+                # the parser skips blank lines before the request line: so does the search for the
+                # blank line that ends the head (else it would end here), but they count
+                rest = buf.lstrip(b"\r\n")
+                self.head += len(buf) - len(rest)
+                buf, self.started = rest, bool(rest)
+            end = _head_end(buf) if buf else -1
             self.head += (end if end >= 0 else len(buf)) - len(self.tail)
-            limit = self.registry.limits.max_header_bytes
             if self.head > limit:
                 self.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                             f"request headers over the server's limit of {limit} bytes (--max-header-kb)")
                 return
             self.counting, self.tail = end < 0, buf[-3:]
+            if end >= 0:
+                self.after_head += len(buf) - end
+        elif self.in_message:
+            self.after_head += len(data)
         super().data_received(data)  # type: ignore[misc]
+        # past the head, what is not body (chunk framing, and the trailers, which the parser keeps as
+        # headers) is bounded too: by the header limit and half the body (chunks of a few bytes each)
+        if self.in_message and not self.counting and self.phase != _CLOSING and self.counts_body:
+            if self.after_head - self.body_bytes > limit + self.body_bytes // 2:
+                self.refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            f"chunk framing and trailers over the server's limit of {limit} bytes (--max-header-kb)")
+
+    counts_body = False  # whether the parser reports a body's bytes (on_body) as it decodes them
+
+    # -- an answer the client does not read ---------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self.write_deadline = time.monotonic() + self.registry.limits.body_timeout
+        self.registry.stalled[self] = None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self.write_deadline = float("inf")
+        self.registry.stalled.pop(self, None)
 
     # -- where a request stands (called from the parser's callbacks) ---------------------------------
 
@@ -165,6 +209,7 @@ class _Guard:
         if self.in_message:
             return
         self.in_message, self.counting, self.head, self.tail = True, True, 0, b""
+        self.started, self.after_head, self.body_bytes = False, 0, 0
         if self.phase == _IDLE:
             self._to(_HEAD, self.registry.limits.header_timeout)
 
@@ -217,6 +262,10 @@ class _Guard:
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's request ends here: it is told so, and cannot answer
             cycle.message_event.set()
+        elif cycle is not None and self.in_message and not self.counting:
+            transport.close()  # this request was answered already (413 before its body was all read)
+            self.registry.place(self, "")
+            return
         body = json.dumps({"detail": message}).encode()
         transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                         b"connection: close\r\n%s\r\n%s" % (status.value, status.phrase.encode(), len(body),
@@ -237,6 +286,12 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
 
     if HttpToolsProtocol is not None:
         class Guarded(_Guard, HttpToolsProtocol):
+            counts_body = True
+
+            def on_body(self, body: bytes) -> None:
+                self.body_bytes += len(body)
+                super().on_body(body)
+
             def on_message_begin(self) -> None:
                 self._message_begins()
                 super().on_message_begin()

@@ -380,22 +380,32 @@ def claim_uids(base: int, count: int, lock_dirs: tuple[str, ...] = UID_LOCK_DIRS
     first uid and the lock descriptors that hold it (an ``flock`` on one file per block, which the
     kernel drops when the process exits, however it ends: a crashed server leaves nothing behind).
     Per-uid counters (RLIMIT_NPROC, pending signals, inotify instances, …) then never cross servers.
-    RuntimeError when no directory can hold the locks or every range is taken."""
+    A lock directory must be a directory (not a symlink) owned by this process's uid that no one else
+    may write, and a lock file is never opened through a symlink. RuntimeError when no directory can
+    hold the locks or every range is taken."""
     import fcntl
+    import stat
 
     need = -(-count // UID_BLOCK)
     errors = []
     for lock_dir in lock_dirs:
         try:
             os.makedirs(lock_dir, mode=0o755, exist_ok=True)
+            st = os.lstat(lock_dir)
         except OSError as exc:
             errors.append(f"{lock_dir}: {exc}")
+            continue
+        # a directory in /tmp may have been made first by anyone: only our own, which no one else may
+        # write, is used (else its owner could hold every lock, or plant symlinks for us to follow)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            errors.append(f"{lock_dir}: not a directory of uid {os.geteuid()} that only it may write "
+                          f"(owner {st.st_uid}, mode {stat.filemode(st.st_mode)})")
             continue
         for first in range(UID_BLOCKS - need + 1):
             held: list[int] = []
             try:
                 for block in range(first, first + need):
-                    fd = os.open(f"{lock_dir}/uids-{base + block * UID_BLOCK}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    fd = os.open(f"{lock_dir}/uids-{base + block * UID_BLOCK}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
                     held.append(fd)
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -412,12 +422,22 @@ def claim_uids(base: int, count: int, lock_dirs: tuple[str, ...] = UID_LOCK_DIRS
     raise RuntimeError(f"cannot claim sandbox uids: {'; '.join(errors)}")
 
 
+THREAD_ROOM = 1 << 30  # address space for a run's threads (8 MB stack each) and malloc arenas
+MALLOC_ARENAS = 4
+M_ARENA_MAX = -8  # mallopt
+
+
 @dataclass
 class Limits:
     # RLIMIT_DATA (private writable memory of one process: heap, anonymous mappings, thread stacks), only
     # where no memory cgroup bounds the run; None with one. Not RLIMIT_AS: address space counts what is
     # reserved, not used (each thread's malloc arena reserves 64 MB: twenty threads did not fit 1 GB)
     data_bytes: int | None
+    # RLIMIT_AS, only where no memory cgroup bounds the run: RLIMIT_DATA does not count shared anonymous
+    # memory, so an address-space limit backs it, generous (twice the budget, and THREAD_ROOM for the
+    # threads' stacks and malloc arenas, over the warm interpreter's address space) since it counts
+    # what is reserved, not used; malloc's arenas are capped at MALLOC_ARENAS per process under it
+    address_bytes: int | None
     cpu_seconds: int  # RLIMIT_CPU's soft limit (SIGXCPU); the hard one (SIGKILL) a second later
     max_processes: int | None  # RLIMIT_NPROC; None where the slot's pids cgroup bounds the run instead
     max_file_bytes: int
@@ -441,6 +461,18 @@ def apply_limits(limits: Limits) -> None:
     setl(resource.RLIMIT_NOFILE, limits.max_open_files)
     if limits.data_bytes:
         setl(resource.RLIMIT_DATA, limits.data_bytes)
+    if limits.address_bytes:
+        _libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)  # each arena reserves 64 MB (128 MB while made)
+        setl(resource.RLIMIT_AS, limits.address_bytes)
+
+
+def address_bytes() -> int:
+    """This process's address space as RLIMIT_AS counts it (VmSize), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def data_bytes() -> int:

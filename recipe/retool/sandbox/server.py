@@ -228,7 +228,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--header-timeout", type=float,
                    help=f"a request's headers must arrive within this long of its first byte, else 408 ({d.header_timeout:g}s)")
     p.add_argument("--body-timeout", type=float,
-                   help=f"and its body within this long of its headers, else 408 ({d.body_timeout:g}s)")
+                   help=f"and its body within this long of its headers, else 408; an answer the client "
+                   f"does not read for this long drops the connection ({d.body_timeout:g}s)")
     p.add_argument("--max-connections", type=int,
                    help="open connections per front; past it the oldest idle (else still sending) one is shed "
                         "(default: what the descriptor limit allows, at most 4096)")

@@ -363,6 +363,7 @@ class Zygote:
     sock: socket.socket  # commands in, pid and exit status out
     pid: int
     base_data: int  # its private writable memory: without a cgroup, a run's RLIMIT_DATA is this plus the budget
+    base_address: int  # its address space: without a cgroup, a run's RLIMIT_AS is this plus room (Limits)
     warm_rss: int  # resident memory its children start with: the cgroup's budget is this plus the request's
 
 
@@ -372,7 +373,7 @@ def start_zygote(cfg: dict[str, Any], caps: Capabilities, cgroup_fds: list[int],
     The zygote joins the slot once, so each request child is born in it: moving a process between
     cgroups takes a lock that waits for an RCU grace period (9-15 ms on the development machine,
     on every other request), which a fork does not."""
-    base_data, warm_rss = isolation.data_bytes(), isolation.resident_bytes()
+    base_data, base_address, warm_rss = isolation.data_bytes(), isolation.address_bytes(), isolation.resident_bytes()
     sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -387,7 +388,7 @@ def start_zygote(cfg: dict[str, Any], caps: Capabilities, cgroup_fds: list[int],
         finally:  # never back into main() as a second manager; the worker sees a dead zygote
             os._exit(1)
     child_sock.close()
-    return Zygote(sock, pid, base_data, warm_rss)
+    return Zygote(sock, pid, base_data, base_address, warm_rss)
 
 
 class Unhealthy(Exception):
@@ -507,6 +508,10 @@ class Manager:
             # the slot's memory cgroup bounds what the whole run uses (set_limits); without one, each
             # process's private writable memory, on top of the warm interpreter's (a MemoryError)
             data_bytes=None if self.cgroup is not None else zygote.base_data + mem_mb * 1024 * 1024,
+            # RLIMIT_DATA leaves out shared anonymous memory (mmap(-1, n) with MAP_SHARED): without a
+            # cgroup, a generous address-space limit stands behind it (isolation.THREAD_ROOM)
+            address_bytes=None if self.cgroup is not None else
+            zygote.base_address + 2 * mem_mb * 1024 * 1024 + isolation.THREAD_ROOM,
             # CPU seconds, counted over all of a process's threads: a process on every core may spend
             # run_timeout × cores of them before the wall-clock deadline, which must come first
             cpu_seconds=math.ceil(float(req["run_timeout"]) * self.cores) + 1,
@@ -810,7 +815,9 @@ def _seccomp_works() -> bool:
             nrs = seccomp.SYSCALLS[seccomp.machine()]
             denied = _libc.syscall(nrs["keyctl"], 0, 0, 0, 0, 0) == -1 and ctypes.get_errno() == errno.EPERM
             denied &= _libc.unshare(isolation.CLONE_NEWUSER) == -1 and ctypes.get_errno() == errno.EPERM
-            denied &= _libc.socket(40, socket.SOCK_STREAM, 0) == -1 and ctypes.get_errno() == errno.EAFNOSUPPORT  # AF_VSOCK
+            # AF_NETLINK: every kernel has it, so only the filter answers EAFNOSUPPORT (AF_VSOCK would
+            # answer so anyway on a host without the vsock module, proving nothing)
+            denied &= _libc.socket(16, socket.SOCK_RAW, 0) == -1 and ctypes.get_errno() == errno.EAFNOSUPPORT
             os._exit(0 if denied else 1)
         except BaseException:
             os._exit(2)
