@@ -10,7 +10,7 @@ seeded arithmetic task where the interpreter is necessary, a small random-init m
 stage for real — data, prefilter, sandbox, verl's SFT trainer, verl's GRPO loop with our tool and
 reward (and a text-only ablation), and evaluation through ``evaluate_model.sh`` against a served
 checkpoint — ending in a report card that shows whether the recipe learned (default output
-``outputs/mini``; about 15 minutes on two CPU cores).
+``outputs/mini``; about half an hour on two CPU cores, in fp32 whatever the CPU: see docs/miniature.md).
 
 With ``--full``: data → prefilter → sandbox (started locally, smoke-tested) → SFT → GRPO →
 evaluation at real scale. SFT and GRPO need GPUs (GRPO also SGLang): without them they are

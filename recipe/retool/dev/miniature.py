@@ -1,7 +1,8 @@
 """ReTool in miniature: every stage of the recipe, for real, on a task where the interpreter is necessary.
 
-Run by ``python -m recipe.retool.pipeline`` (no flags). On two CPU cores it takes about a quarter
-of an hour, and it shows the recipe *learning*, not only running:
+Run by ``python -m recipe.retool.pipeline`` (no flags). On two CPU cores it takes about half an
+hour (it computes in fp32, so a CPU without native bf16 is not slower), and it shows the recipe
+*learning*, not only running:
 
 1. **task** — :mod:`recipe.retool.dev.mini_task` writes seeded arithmetic problems in the source
    formats of ReTool-SFT, DAPO-Math and AIME (a held-out test split);
