@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     # retool.kernels=off: the baseline keeps verl's defaults on a GPU too (auto would turn the fused
     # kernels on in every run); the candidate sets its own switches
-    common = [f"+engine.mixed_precision.param_dtype={dtype}", "retool.kernels=off"]
+    common = [f"++engine.mixed_precision.param_dtype={dtype}", "retool.kernels=off"]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     from recipe.retool import PACKAGE_DIR
