@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recipe.retool.attention import implementation_overrides  # noqa: E402
+from recipe.retool.perf.attention import implementation_overrides  # noqa: E402
 
 # the packed path: one row of concatenated sequences per micro-batch, our attention over it
 PACKED = ["model.use_remove_padding=true", *implementation_overrides("model", "retool_packed", new_key=False)]

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recipe.retool import packed_attention  # noqa: E402
 from recipe.retool.dev.step_profiler import _device_kernels, family  # noqa: E402
+from recipe.retool.perf import packed_attention  # noqa: E402
 
 REFERENCE_MAX_LEN = 4096  # the fp32 reference materialises len² scores per head
 

@@ -7,7 +7,7 @@ training step (forward + backward, AdamW) of the miniature's model shape (random
 256, 2 layers; 8 sequences of 300 tokens, as the miniature's SFT micro-batches) in fp32 and in bf16
 autocast, first as this CPU runs them, then with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``:
 bf16 products emulated, as on a CPU without AVX512-BF16 or AMX). It also prints what
-:mod:`recipe.retool.precision` decides in each setting. The miniature itself computes in fp32
+:mod:`recipe.retool.perf.precision` decides in each setting. The miniature itself computes in fp32
 everywhere, so its speed does not depend on native bf16; this shows what a bf16 config would cost.
 """
 
@@ -26,7 +26,7 @@ def measure(threads: int, steps: int) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from recipe.retool.precision import CpuBf16
+    from recipe.retool.perf.precision import CpuBf16
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def main() -> None:
                              env=env, capture_output=True, text=True, check=True)
         rows.append((label, json.loads(res.stdout.strip().splitlines()[-1])))
     print(f"{'setting':<24} {'matmul fp32':>12} {'matmul bf16':>12} {'step fp32':>10} {'step bf16':>10} {'bf16/fp32':>10}"
-          "  native bf16 (recipe.retool.precision)")
+          "  native bf16 (recipe.retool.perf.precision)")
     for label, r in rows:
         ratio = r["train step bf16 s"] / r["train step fp32 s"]
         print(f"{label:<24} {r['matmul fp32 GFLOP/s']:>8.1f} GF/s {r['matmul bf16 GFLOP/s']:>7.1f} GF/s "

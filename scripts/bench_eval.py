@@ -40,8 +40,8 @@ def main() -> None:
     args = p.parse_args()
 
     from recipe.retool.data import rl_row, write_parquet
-    from recipe.retool.eval_aime24_standalone import EvalConfig, evaluate
-    from recipe.retool.sandbox.local import LocalSandbox, free_port, wait_until_healthy
+    from recipe.retool.evaluate import EvalConfig, evaluate
+    from recipe.retool.processes import LocalSandbox, free_port, wait_until_healthy
 
     sandbox = LocalSandbox(workers=None, cwd=str(REPO)).wait()
     sandbox_url = sandbox.url

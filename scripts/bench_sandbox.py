@@ -325,7 +325,7 @@ def main() -> None:
     from recipe.retool.sandbox.pool import SandboxConfig
 
     workers = args.workers or SandboxConfig().workers
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     extra = ["--fronts", str(args.fronts)] if args.fronts else []
     extra += ["--allow-unsafe"] if args.allow_unsafe else []

@@ -2,9 +2,9 @@
 
     python scripts/check_gpu_resolves.py [--set gpu|gpu-vllm ...] [--report-dir DIR] [--pip PIP]
 
-For every set (setup.py's ``gpu`` extra = ``recipe/retool/requirements-gpu.txt``, SGLang; the
-``gpu-vllm`` extra = ``recipe/retool/requirements-gpu-vllm.txt``, vLLM) this asks pip to resolve
-``<repo>[extra]`` exactly as ``pip install -e ".[extra]"`` would on a GPU image, but for a target
+For every set (pyproject.toml's ``gpu`` extra, SGLang; its ``gpu-vllm`` extra, vLLM; the Modal image
+installs the same extras) this asks pip to resolve ``<repo>[extra]`` exactly as
+``pip install -e ".[extra]"`` would on a GPU image, but for a target
 platform (``--dry-run --ignore-installed --only-binary=:all: --python-version 3.12 --platform
 manylinux_2_{17..35}_x86_64 … --report``), so it runs on any CPU machine. Then it checks that every
 ``==`` pin of the set is what pip chose, and prints the versions that matter.
@@ -30,8 +30,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parents[1]
-SETS = {"gpu": REPO / "recipe/retool/requirements-gpu.txt", "gpu-vllm": REPO / "recipe/retool/requirements-gpu-vllm.txt"}
+PYPROJECT = REPO / "pyproject.toml"
+SETS = ("gpu", "gpu-vllm")  # pyproject.toml's GPU extras
 PYTHON_VERSION = "3.12"
 # glibc 2.17 … 2.35 (Ubuntu 22.04, the Modal image's base); SGLang's own wheels are manylinux_2_34
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(35, 16, -1)] + ["manylinux2014_x86_64", "manylinux1_x86_64", "any"]
@@ -47,10 +53,16 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pins(requirements: Path) -> dict[str, str]:
+def requirements(extra: str, pyproject: Path = PYPROJECT) -> list[str]:
+    """The requirements of one of pyproject.toml's extras, as declared there (what pip resolves)."""
+    return list(tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"][extra])
+
+
+def pins(extra: str, pyproject: Path = PYPROJECT) -> dict[str, str]:
+    """The ``==`` pins of an extra: each must be what pip chooses."""
     out = {}
-    for line in requirements.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+    for line in requirements(extra, pyproject):
+        line = line.split(";", 1)[0].strip()
         if m := re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)", line):
             out[normalize(m.group(1))] = m.group(2)
     return out
@@ -77,9 +89,9 @@ def resolve(pip: list[str], extra: str, wheelhouse: Path, report: Path) -> tuple
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def check_report(report: Path, requirements: Path) -> tuple[dict[str, str], list[str]]:
+def check_report(report: Path, extra: str) -> tuple[dict[str, str], list[str]]:
     chosen = {normalize(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
-    problems = [f"{name}=={want} pinned, pip chose {chosen.get(name)}" for name, want in pins(requirements).items()
+    problems = [f"{name}=={want} pinned, pip chose {chosen.get(name)}" for name, want in pins(extra).items()
                 if chosen.get(name) != want]
     for name, floor in FLOORS.items():
         version = chosen.get(name)
@@ -90,7 +102,7 @@ def check_report(report: Path, requirements: Path) -> tuple[dict[str, str], list
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", dest="sets", action="append", choices=sorted(SETS), help="default: every set")
+    p.add_argument("--set", dest="sets", action="append", choices=SETS, help="default: every set")
     p.add_argument("--report-dir", type=Path, help="keep pip's JSON report of each set here")
     p.add_argument("--pip", default=f"{sys.executable} -m pip", help="pip command (default: this Python's)")
     args = p.parse_args(argv)
@@ -111,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 kind = "UNREACHABLE" if OFFLINE.search(out) else "DOES NOT RESOLVE"
                 offline |= kind == "UNREACHABLE"
                 failed |= kind != "UNREACHABLE"
-                print(f"[{name}] {kind}: {SETS[name].relative_to(REPO)}\n" + "\n".join(out.splitlines()[-25:]))
+                print(f"[{name}] {kind}: pyproject.toml's [{name}] extra\n" + "\n".join(out.splitlines()[-25:]))
                 continue
-            chosen, problems = check_report(report, SETS[name])
+            chosen, problems = check_report(report, name)
             failed |= bool(problems)
             status = "ok" if not problems else "PIN NOT HONOURED: " + "; ".join(problems)
             shown = " ".join(f"{k}=={chosen[k]}" for k in SHOW if k in chosen)

@@ -65,7 +65,7 @@ def prepare(out: Path, teach_steps: int) -> dict:
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> float:
     """Seconds until the server answers ``url``; exits with the server log's tail if it does not."""
-    from recipe.retool.sandbox.local import stop_process, wait_until_healthy
+    from recipe.retool.processes import stop_process, wait_until_healthy
 
     start = time.time()
     try:
@@ -99,8 +99,8 @@ def tool_call_sources(samples: Path) -> dict[str, int]:
 
 
 def phase_eval(out: Path, engine: str, sandbox_url: str, env: dict, samples: int) -> dict:
-    from recipe.retool import launcher
-    from recipe.retool.eval_aime24_standalone import samples_path
+    from recipe.retool.cloud import launcher
+    from recipe.retool.evaluate import samples_path
 
     exp = launcher.load_experiment(launcher.DEFAULT_CONFIG, [f"eval.server={engine}", "eval.port=8000"], environ={})
     cmd = launcher.serve_command(exp, str(out / "model"), 1)
@@ -167,7 +167,7 @@ def split(run: dict) -> dict:
 
 
 def main() -> None:
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)

@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--skip-resume", action="store_true")
     p.add_argument("--skip-reference", action="store_true", help="no plain-PyTorch reference steps")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "retool_packed", "flash_attention_2"],
-                   help="attention implementation (auto: as retool.attention=auto picks, recipe/retool/attention.py)")
+                   help="attention implementation (auto: as retool.attention=auto picks, recipe/retool/perf/attention.py)")
     p.add_argument("--pack", type=int, default=1, help="sequences per micro-batch (needs retool_packed or flash_attention_2)")
     p.add_argument("--reference-only", action="store_true", help="only the plain-PyTorch reference step")
     p.add_argument("--extra", nargs="*", default=[], help="more verl overrides")
@@ -236,7 +236,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     attn = args.attn
     if attn == "auto":  # as the recipe's retool.attention=auto picks
-        from recipe.retool.attention import Environment, choose
+        from recipe.retool.perf.attention import Environment, choose
 
         choice = choose("auto", args.sp, Environment.probe())
         if choice.problem:
@@ -252,7 +252,7 @@ def main() -> None:
     data = build_data(out / f"data-{args.seq_len}", model, args.seq_len, rows=args.batch * (args.steps + 4))
     extra = list(args.extra)
     if attn != "flash_attention_2":  # verl's default
-        from recipe.retool.attention import implementation_overrides
+        from recipe.retool.perf.attention import implementation_overrides
 
         extra += implementation_overrides("model", attn, new_key=True)
     tag = f"{args.shape}-{args.seq_len}-{attn}-pack{args.pack}" + (f"-{args.tag}" if args.tag else "")

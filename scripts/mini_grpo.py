@@ -156,7 +156,7 @@ def run_logged(cmd: list[str], log: Path, env: dict, label: str, total_steps: in
 
 
 # On the CPU the hf_dev server, the actor and the reference all compute in fp32 (verl's default is
-# bf16, which recipe.retool.precision keeps where the CPU has it natively), so the rollout-vs-actor
+# bf16, which recipe.retool.perf.precision keeps where the CPU has it natively), so the rollout-vs-actor
 # agreement measures the plumbing (weights synced, log-probs aligned with tokens), not bf16 rounding.
 # The taught model is near-certain of most tokens, so with bf16 on one side the Pearson correlation of
 # the probabilities is ill-conditioned (0.90 at a max difference of 0.004 on one seed); in fp32 the
@@ -166,11 +166,11 @@ CPU_FP32 = [*(f"+actor_rollout_ref.{role}.fsdp_config.mixed_precision.param_dtyp
 # A learning rate that visibly moves the tiny policy in one step (the template's 1e-6 barely does), so
 # that a rollout copy left on stale weights after the sync or the resume cannot pass for on-policy.
 VISIBLE_STEP = ["actor_rollout_ref.actor.optim.lr=1e-3"]
-# The actor and reference through packed attention (recipe/retool/packed_attention.py): verl's
+# The actor and reference through packed attention (recipe/retool/perf/packed_attention.py): verl's
 # remove-padding rows, several sequences per micro-batch. On CPU the kernel is SDPA per sequence;
 # on CUDA, PyTorch's varlen flash attention.
 def packed_overrides() -> list[str]:
-    from recipe.retool.attention import implementation_overrides
+    from recipe.retool.perf.attention import implementation_overrides
 
     return ["actor_rollout_ref.model.use_remove_padding=true",
             *implementation_overrides("actor_rollout_ref.model", "retool_packed", new_key=False)]
@@ -227,7 +227,7 @@ def main() -> None:
     from recipe.retool import PACKAGE_DIR
     from recipe.retool.data import SAMPLE_SOURCES, prepare_all
     from recipe.retool.dev.tokenizer import build_dev_tokenizer, save_tiny_qwen2
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     parser = build_parser()
     args = parser.parse_args()

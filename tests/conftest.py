@@ -41,7 +41,7 @@ class SandboxServer:
     def __new__(cls, workers: int = 2):
         import os
 
-        from recipe.retool.sandbox.local import LocalSandbox
+        from recipe.retool.processes import LocalSandbox
 
         env = dict(os.environ, HF_TOKEN=cls.SECRET, WANDB_API_KEY=cls.SECRET, RETOOL_TEST_SECRET=cls.SECRET)
         server = LocalSandbox(workers=workers, env=env, cwd=str(REPO)).wait()
@@ -61,7 +61,7 @@ def token_server():
     """A one-worker sandbox that requires a bearer token (``server.token``)."""
     import os
 
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     token = "t0k-" + os.urandom(8).hex()
     env = dict(os.environ, RETOOL_SANDBOX_TOKEN=token)

@@ -113,7 +113,7 @@ def long_trace(digits: int) -> dict:
 def test_the_planned_sft_prefilter_keeps_a_trace_sft_at_16k_accepts(tmp_path, dev_tokenizer_dir):
     """The cloud plan prefilters ReTool-SFT with retool_sft's max_length (16k), not the RL budget:
     a trace with a 6,000-token response is kept, one past 16k is dropped."""
-    from recipe.retool import launcher
+    from recipe.retool.cloud import launcher
 
     exp = launcher.load_experiment(launcher.REPO_ROOT / "config" / "modal" / "default.yaml", environ={})
     planned = next(c for c in launcher.prep_commands(exp) if "recipe.retool.prefilter_dataset" in c

@@ -51,7 +51,7 @@ def test_every_documented_modal_function_exists():
     import modal
     from modal.app import LocalEntrypoint
 
-    import recipe.retool.modal_app as app
+    import recipe.retool.cloud.modal_app as app
 
     names = _found(r"modal_app\.py::(\w+)")
     assert {"train", "train_grpo", "evaluate", "smoke", "dry_run"} <= set(names)

@@ -115,7 +115,7 @@ def test_sft_config_converts_like_verls_sft_trainer(tiny_model_dir, sample_data)
     assert engine.strategy == "fsdp2" and engine.ulysses_sequence_parallel_size == 4
     model = omega_conf_to_dataclass(cfg.model)  # imports model.external_lib, as every verl worker does
     assert model.enable_gradient_checkpointing and model.use_remove_padding
-    assert model.external_lib == "recipe.retool.verl_perf"
+    assert model.external_lib == "recipe.retool.perf.verl_perf"
     omega_conf_to_dataclass(cfg.optim)
     omega_conf_to_dataclass(cfg.checkpoint)
     assert (cfg.data.train_batch_size, cfg.data.max_length, cfg.trainer.total_epochs) == (32, 16384, 2)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from recipe.retool import PACKAGE_DIR
 from recipe.retool.data import DEFAULT_SOURCES, SAMPLE_SOURCES, prepare_all
-from recipe.retool.sandbox.local import LocalSandbox
+from recipe.retool.processes import LocalSandbox
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def stage_eval(base_url: str | None, model: str | None, data: Path, sandbox_url:
     if not base_url or not model:
         return StageResult("eval", "skipped", "needs a model server: serve a model with vLLM/SGLang and pass "
                            "--base-url http://HOST:PORT/v1 --model NAME (see README)")
-    from recipe.retool.eval_aime24_standalone import EvalConfig, evaluate
+    from recipe.retool.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(model=model, output=str(out / "eval" / "aime24.json"), base_url=base_url,
                      sandbox_url=sandbox_url, data=str(data), samples=samples)

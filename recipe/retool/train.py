@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe.retool import CONFIG_DIR, PACKAGE_DIR
-from recipe.retool.attention import cudnn_single_sequence_mode
-from recipe.retool.attention import resolve as resolve_attention
 from recipe.retool.config_check import (
     EXTENSION_KEYS,
     data_problems,
@@ -42,9 +40,13 @@ from recipe.retool.config_check import (
     reward_kwargs_problems,
     type_problems,
 )
-from recipe.retool.kernels import padded_triton_problem
-from recipe.retool.kernels import resolve as resolve_kernels
-from recipe.retool.precision import resolve as resolve_precision
+from recipe.retool.metrics import metrics_path, set_aside
+from recipe.retool.perf.attention import cudnn_single_sequence_mode
+from recipe.retool.perf.attention import resolve as resolve_attention
+from recipe.retool.perf.kernels import padded_triton_problem
+from recipe.retool.perf.kernels import resolve as resolve_kernels
+from recipe.retool.perf.precision import resolve as resolve_precision
+from recipe.retool.stages import merge_command
 
 STAGES = {
     "sft": ("retool_sft", ["-m", "verl.trainer.sft_trainer"]),
@@ -56,6 +58,7 @@ STAGES = {
 # Our own config directory is on it too, so configs kept elsewhere (the miniature's, in
 # recipe/retool/dev/config) can extend retool_sft / retool_grpo_template by name.
 SEARCHPATH = f"hydra.searchpath=[pkg://verl.trainer.config,file://{CONFIG_DIR}]"
+FILE_LOGGER_ENV = "VERL_FILE_LOGGER_PATH"  # where verl's `file` logger writes (verl/utils/tracking.py)
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
 
@@ -245,8 +248,7 @@ class ResolvedModel:
 
     def merge_command(self) -> list[str]:
         assert self.merge_from is not None
-        return [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-                "--local_dir", str(self.merge_from), "--target_dir", self.path]
+        return merge_command(self.merge_from, self.path, python=sys.executable)
 
 
 def resolve_model(path: str) -> ResolvedModel:
@@ -311,6 +313,9 @@ def environment(cfg, stage: str) -> dict[str, str]:
         env.update({k: str(v) for k, v in cfg.ray_kwargs.ray_init.runtime_env.get("env_vars", {}).items()})
     # environment a config asks for (the miniature's CPU platform, for one), for every process
     env.update({k: str(v) for k, v in (cfg.retool.get("env") or {}).items()})
+    if "file" in list(cfg.trainer.logger) and not env.get(FILE_LOGGER_ENV):
+        # verl's file logger writes the per-step metrics beside the run's checkpoints (recipe.retool.metrics)
+        env[FILE_LOGGER_ENV] = str(metrics_path(cfg.trainer.default_local_dir))
     if "swanlab" in list(cfg.trainer.logger) and not env.get("SWANLAB_API_KEY"):
         env.setdefault("SWANLAB_MODE", "local")  # no key: log locally rather than fail
     if "wandb" in list(cfg.trainer.logger) and not env.get("WANDB_API_KEY"):
@@ -413,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if precision.line:
         print(precision.line, flush=True)
     print(shlex.join(cmd), flush=True)
+    if env.get(FILE_LOGGER_ENV):
+        metrics = Path(env[FILE_LOGGER_ENV])
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        set_aside(metrics)  # verl truncates it: a resumed run keeps the earlier launches' metrics
     return subprocess.call(cmd, env=env)
 
 

@@ -204,7 +204,7 @@ class HFDevServer:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        from recipe.retool.precision import cpu_dtype
+        from recipe.retool.perf.precision import cpu_dtype
 
         torch_dtype = getattr(torch, cpu_dtype(dtype) if device == "cpu" else dtype)
         self.engine = DevGenerator(model_path, device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code)

@@ -1,6 +1,6 @@
 """ReTool in miniature: every stage of the recipe, for real, on a task where the interpreter is necessary.
 
-Run by ``python -m recipe.retool.pipeline`` (no flags). On two CPU cores it takes about half an
+``python -m recipe.retool.dev.miniature`` (the README's main command). On two CPU cores it takes about half an
 hour (it computes in fp32, so a CPU without native bf16 is not slower), and it shows the recipe
 *learning*, not only running:
 
@@ -27,24 +27,35 @@ rerun starts over: nothing of an earlier run in ``--out`` is reused (resuming st
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from recipe.retool import PACKAGE_DIR
+from recipe.retool.metrics import MetricsTail, metrics_path, read_metrics
+from recipe.retool.stages import (
+    VAL_FILE,
+    Runner,
+    Stage,
+    evaluate_script,
+    merge_command,
+    run_dir,
+    run_logged,
+    say,
+    tail,
+    train_command,
+    write_report,
+)
 
 DEV_CONFIG_DIR = PACKAGE_DIR / "dev" / "config"
-STEP_LINE = re.compile(r"\bstep:(\d+) - (.*)$")
-_NUMBER = re.compile(r"(?:np\.float\d*\()?(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan)")
 
 
 @dataclass
@@ -69,61 +80,14 @@ class MiniSettings:
 
 # A shortened miniature for tests: a smaller held-out evaluation (same training, configs and code path).
 QUICK: dict[str, Any] = {"test_problems": 32, "eval_samples": 4}
-
-
-@dataclass
-class Stage:
-    name: str
-    status: str  # done | failed | skipped
-    seconds: float = 0.0
-    detail: str = ""
-    figures: dict[str, Any] = field(default_factory=dict)
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def parse_step_metrics(log_text: str) -> dict[int, dict[str, float]]:
-    """verl's console logger lines ``step:N - key:value - …`` → {step: {key: value}}."""
-    steps: dict[int, dict[str, float]] = {}
-    for line in log_text.splitlines():
-        m = STEP_LINE.search(line)
-        if not m:
-            continue
-        metrics = steps.setdefault(int(m.group(1)), {})
-        for part in m.group(2).split(" - "):
-            key, _, value = part.partition(":")
-            num = _NUMBER.match(value.strip())  # 0.5, -1e-3, np.float64(0.5)
-            if num:
-                metrics[key.strip()] = float(num.group(1))
-    return steps
-
-
-def run_logged(cmd: list[str], log: Path, env: dict[str, str], on_line: Callable[[str], None] | None = None) -> int:
-    """Run ``cmd`` with its output in ``log``; each output line also goes to ``on_line`` (progress)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                               text=True, bufsize=1) as proc:
-        fh.write("$ " + shlex.join(cmd) + "\n")
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            fh.flush()
-            if on_line:
-                on_line(line)
-        return proc.wait()
-
-
-def _tail(path: Path, n: int = 25) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+PROGRESS_KEYS = {"train/loss": "loss", "critic/score/mean": "score", "num_turns/mean": "turns", "timing_s/step": "step_s"}
 
 
 class ModelServer:
     """A checkpoint served over HTTP by :mod:`recipe.retool.dev.openai_server` in its own process."""
 
     def __init__(self, model_dir: str, device: str, log: Path, dtype: str = "float32"):
-        from recipe.retool.sandbox.local import free_port
+        from recipe.retool.processes import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -134,13 +98,13 @@ class ModelServer:
              "--device", "cuda" if device == "gpu" else "cpu", "--dtype", dtype], stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 180.0) -> ModelServer:
-        from recipe.retool.sandbox.local import wait_until_healthy
+        from recipe.retool.processes import wait_until_healthy
 
         wait_until_healthy(self.url.removesuffix("/v1") + "/health", timeout, self.proc, "model server")
         return self
 
     def stop(self) -> None:
-        from recipe.retool.sandbox.local import stop_process
+        from recipe.retool.processes import stop_process
 
         stop_process(self.proc)
         self._log.close()
@@ -150,7 +114,6 @@ class Miniature:
     def __init__(self, out: Path, settings: MiniSettings):
         self.out, self.s = out, settings
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.stages: list[Stage] = []
         self.sandbox = None
 
     # --- helpers
@@ -166,25 +129,19 @@ class Miniature:
 
     def train(self, stage: str, model: str, experiment: str, overrides: list[str], log: Path,
               total: int) -> int:
-        cmd = [sys.executable, "-m", "recipe.retool.train", stage, model, str(self.out / "data"),
-               str(self.out / "ckpt"), experiment, "--config", self.config(stage), *overrides]
+        cmd = train_command(stage, model, self.out / "data", self.out / "ckpt", experiment, self.config(stage),
+                            overrides, python=sys.executable)
+        metrics = MetricsTail(metrics_path(run_dir(self.out / "ckpt", stage, experiment)))
         started = time.time()
 
-        def progress(line: str) -> None:
-            m = STEP_LINE.search(line)
-            if not m:
-                return
-            step = int(m.group(1))
-            metrics = parse_step_metrics(line)[step]
-            if step % max(1, total // 20) and step != total and not any(k.startswith("val-core") for k in metrics):
-                return  # about twenty progress lines a run
-            keys = {"train/loss": "loss", "critic/score/mean": "score", "num_turns/mean": "turns",
-                    "timing_s/step": "step_s"}
-            shown = " ".join(f"{short} {metrics[k]:.3g}" for k, short in keys.items() if k in metrics)
-            val = {k.split("/")[-2] if "/" in k else k: v for k, v in metrics.items() if k.startswith("val-core")}
-            if val:
-                shown += " val " + " ".join(f"{v:.3g}" for v in val.values())
-            _say(f"  [{experiment}] step {step}/{total} {shown} ({time.time() - started:.0f}s)")
+        def progress(_line: str) -> None:  # about twenty lines a run, from verl's metrics file
+            for step, m in metrics.new():
+                val = [v for k, v in m.items() if k.startswith("val-core")]
+                if step % max(1, total // 20) and step != total and not val:
+                    continue
+                shown = " ".join(f"{short} {m[k]:.3g}" for k, short in PROGRESS_KEYS.items() if k in m)
+                shown += (" val " + " ".join(f"{v:.3g}" for v in val)) if val else ""
+                say(f"  [{experiment}] step {step}/{total} {shown} ({time.time() - started:.0f}s)")
 
         return run_logged(cmd, log, {**self.env, "RETOOL_SANDBOX_URL": self.sandbox.url if self.sandbox else ""},
                           progress)
@@ -244,7 +201,7 @@ class Miniature:
         return Stage("prefilter", "done", detail=f"→ {self.out / 'data'}", figures=figures)
 
     def stage_sandbox(self) -> Stage:
-        from recipe.retool.sandbox.local import LocalSandbox
+        from recipe.retool.processes import LocalSandbox
 
         self.sandbox = LocalSandbox(workers=2).wait()
         return Stage("sandbox", "done", detail=f"local server at {self.sandbox.url}")
@@ -258,8 +215,8 @@ class Miniature:
         log = self.out / "logs" / "sft.log"
         rc = self.train("sft", str(self.base), "mini-sft", [f"trainer.total_epochs={self.s.sft_epochs}"], log, steps)
         if rc != 0:
-            return Stage("sft", "failed", detail=f"exit {rc}; {log}:\n{_tail(log)}")
-        metrics = parse_step_metrics(log.read_text())
+            return Stage("sft", "failed", detail=f"exit {rc}; {log}:\n{tail(log)}")
+        metrics = read_metrics(run_dir(self.out / "ckpt", "sft", "mini-sft"))
         last = metrics[max(metrics)] if metrics else {}
         self.sft_ckpt = self.out / "ckpt" / "sft-experiments" / "mini-sft"
         return Stage("sft", "done", detail=f"verl sft_trainer → {self.sft_ckpt}",
@@ -273,8 +230,8 @@ class Miniature:
                      f"data.seed={self.s.seed}", *extra]
         rc = self.train("grpo", str(self.sft_ckpt), experiment, overrides, log, self.s.grpo_steps)
         if rc != 0:
-            return Stage(name, "failed", detail=f"exit {rc}; {log}:\n{_tail(log)}")
-        metrics = parse_step_metrics(log.read_text())
+            return Stage(name, "failed", detail=f"exit {rc}; {log}:\n{tail(log)}")
+        metrics = read_metrics(run_dir(self.out / "ckpt", "grpo", experiment))
         curve = grpo_curve(metrics, rollouts)
         val = {step: {k: v for k, v in m.items() if k.startswith("val-core/") and "/acc/mean@" in k}
                for step, m in metrics.items()}
@@ -289,25 +246,23 @@ class Miniature:
 
         resolved = resolve_model(str(model_root))
         if resolved.merge_from is not None and not Path(resolved.path, "config.json").exists():
-            subprocess.run(resolved.merge_command(), check=True, capture_output=True, env=self.env)
-        grpo_cfg = self.composed("grpo")  # evaluate as GRPO validates: its sampling, budget and turns
-        val = grpo_cfg.actor_rollout_ref.rollout.val_kwargs
+            subprocess.run(merge_command(resolved.merge_from, resolved.path, python=sys.executable), check=True,
+                           capture_output=True, env=self.env)
+        grpo_cfg = self.composed("grpo")  # serve as the rollout computes; evaluate as GRPO validates (--config)
         out = self.out / "eval" / label / "test.json"
         if out.exists():  # a rerun evaluates afresh (the model may have changed)
             shutil.rmtree(out.parent)
         server = ModelServer(resolved.path, self.s.device, self.out / "logs" / f"serve_{label}.log",
                              dtype=str(grpo_cfg.actor_rollout_ref.rollout.dtype)).wait()
         try:
-            cmd = ["bash", str(PACKAGE_DIR / "evaluate_model.sh"), resolved.path, str(out), server.url, self.sandbox.url,
-                   "EMPTY", "--data", str(self.out / "data" / "rl" / "aime24.parquet"),
-                   "--samples", str(self.s.eval_samples), "--temperature", str(val.temperature),
-                   "--top-p", str(val.top_p), "--max-tokens", str(grpo_cfg.data.max_response_length),
-                   "--max-turns", str(grpo_cfg.actor_rollout_ref.rollout.multi_turn.max_assistant_turns), *extra]
+            cmd = ["bash", str(evaluate_script()), resolved.path, str(out), server.url, self.sandbox.url,
+                   "EMPTY", "--data", str(self.out / "data" / VAL_FILE),
+                   "--samples", str(self.s.eval_samples), "--config", self.config("grpo"), *extra]
             rc = run_logged(cmd, self.out / "logs" / f"eval_{label}.log", {**self.env, "PYTHON": sys.executable})
         finally:
             server.stop()
         if rc != 0 or not out.exists():
-            return Stage(f"eval {label}", "failed", detail=f"exit {rc}:\n" + _tail(self.out / "logs" / f"eval_{label}.log"))
+            return Stage(f"eval {label}", "failed", detail=f"exit {rc}:\n" + tail(self.out / "logs" / f"eval_{label}.log"))
         summary = json.loads(out.read_text())
         figures = {**summary["pass_at_k"], "accuracy": summary["accuracy"], "errors": summary["errors"]["count"],
                    "tool calls / answer": summary["mean_tool_calls"], "turns": summary["mean_turns"]}
@@ -334,30 +289,17 @@ class Miniature:
         if self.s.ablation:
             plan.append(("eval grpo_text_only", lambda: self.stage_eval(
                 "grpo_text_only", self.out / "ckpt" / "grpo-experiments" / "mini-grpo-text", ["--max-turns", "1"])))
-        failed = False
+        runner = Runner()
         try:
             for name, fn in plan:
-                _say(f"[{name}] …")
-                t0 = time.time()
-                try:
-                    st = fn()
-                except Exception as exc:  # a stage's failure ends the run with its reason in the report
-                    st = Stage(name, "failed", detail=f"{type(exc).__name__}: {exc}")
-                st.seconds = time.time() - t0
-                self.stages.append(st)
-                figs = "; ".join(f"{k} {v}" for k, v in st.figures.items())
-                _say(f"[{name}] {st.status} in {st.seconds:.0f}s" + (f": {figs}" if figs else ""))
-                if st.status == "failed":
-                    _say(st.detail)
-                    failed = True
-                    break
+                runner.run(name, fn)
         finally:
             if self.sandbox:
                 self.sandbox.stop()
-        report = write_report(self.out, self.s, self.stages, self.results, time.time() - started)
-        _say(f"\nreport card: {report}\n")
-        _say(report.read_text())
-        return 1 if failed else 0
+        report = write_mini_report(self.out, self.s, runner.stages, self.results, time.time() - started)
+        say(f"\nreport card: {report}\n")
+        say(report.read_text())
+        return 1 if runner.failed else 0
 
 
 def grpo_curve(metrics: dict[int, dict[str, float]], rollouts: Path) -> list[dict[str, float]]:
@@ -411,41 +353,51 @@ def plot_curves(out: Path, names: list[str]) -> Path | None:
     return path
 
 
-def write_report(out: Path, s: MiniSettings, stages: list[Stage], results: dict[str, dict[str, Any]],
-                 seconds: float) -> Path:
-    lines = ["# ReTool miniature: report card", "",
-             f"Seed {s.seed}, device {s.device}, {seconds / 60:.1f} min in all. Held-out test split: "
-             f"{s.test_problems} problems × {s.eval_samples} samples, scored by `recipe.retool.reward`.", ""]
+def write_mini_report(out: Path, s: MiniSettings, stages: Sequence[Stage], results: dict[str, dict[str, Any]],
+                      seconds: float) -> Path:
+    """The report card: the models' pass@k and tool use, the GRPO curves and validation, then the stages."""
+    head = [f"Seed {s.seed}, device {s.device}, {seconds / 60:.1f} min in all. Held-out test split: "
+            f"{s.test_problems} problems × {s.eval_samples} samples, scored by `recipe.retool.reward`.", ""]
     if results:
         ks = sorted({k for r in results.values() for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
-        lines += ["| model | " + " | ".join(ks) + " | tool calls / answer | mean turns |",
-                  "|---|" + "---|" * (len(ks) + 2)]
+        head += ["| model | " + " | ".join(ks) + " | tool calls / answer | mean turns |",
+                 "|---|" + "---|" * (len(ks) + 2)]
         for label, r in results.items():
-            lines.append(f"| {label} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in ks)
-                         + f" | {r['tool calls / answer']:.2f} | {r['turns']:.2f} |")
-        lines.append("")
+            head.append(f"| {label} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in ks)
+                        + f" | {r['tool calls / answer']:.2f} | {r['turns']:.2f} |")
+        head.append("")
     curves = [n for n in ("grpo", "grpo_text_only") if (out / f"{n}_curve.json").exists()]
     png = plot_curves(out, curves)
     if png:
-        lines += [f"![GRPO reward and accuracy per step]({png.name})", ""]
+        head += [f"![GRPO reward and accuracy per step]({png.name})", ""]
     for name in curves:
         data = json.loads((out / f"{name}_curve.json").read_text())
         val = data["val_acc"]
         if val:
-            lines.append(f"- {name}: training-time validation accuracy (verl, same split and sampling) "
-                         + ", ".join(f"step {k}: {100 * v:.1f}%" for k, v in sorted(val.items(), key=lambda kv: int(kv[0]))))
+            head.append(f"- {name}: training-time validation accuracy (verl, same split and sampling) "
+                        + ", ".join(f"step {k}: {100 * v:.1f}%" for k, v in sorted(val.items(), key=lambda kv: int(kv[0]))))
         late = sum(p.get("verify_timeouts", 0) for p in data["curve"])
-        lines.append(f"- {name}: reward checks past their time limit (judged wrong): {late} over {len(data['curve'])} steps")
-    lines += ["", "| stage | status | time (s) | figures |", "|---|---|---|---|"]
-    for st in stages:
-        figs = "; ".join(f"{k}: {v}" for k, v in st.figures.items()) or "—"
-        lines.append(f"| {st.name} | {st.status} | {st.seconds:.0f} | {figs} |")
-    failed = [st for st in stages if st.status == "failed"]
-    for st in failed:
-        lines += ["", f"## {st.name} failed", "", "```", st.detail, "```"]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps({"settings": asdict(s), "results": results,
-                                                 "stages": [asdict(st) for st in stages], "seconds": seconds},
-                                                indent=2, default=str))
-    return path
+        head.append(f"- {name}: reward checks past their time limit (judged wrong): {late} over {len(data['curve'])} steps")
+    return write_report(out, "ReTool miniature: report card", stages, head,
+                        {"settings": asdict(s), "results": results}, seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.dev.miniature", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/mini", help="output directory (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="a shortened miniature: same training, a smaller held-out evaluation (32 x 4; for tests)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the text-only GRPO ablation")
+    args = p.parse_args(argv)
+    settings = MiniSettings(seed=args.seed, device=args.device, ablation=not args.no_ablation,
+                            **(QUICK if args.quick else {}))
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return Miniature(out, settings).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

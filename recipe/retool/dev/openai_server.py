@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32",
-                   help="compute dtype (on a CPU, bf16 only where native: recipe.retool.precision)")
+                   help="compute dtype (on a CPU, bf16 only where native: recipe.retool.perf.precision)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

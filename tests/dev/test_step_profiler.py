@@ -9,7 +9,7 @@ from pathlib import Path
 
 from recipe.retool.dev.step_profiler import family, summarize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_kernel_families_from_names():

@@ -2,7 +2,7 @@
 checkpoint discovery and bookkeeping, secrets from ``.env``. ``modal_app.py`` is a thin shell
 around this module, so all of it is testable without Modal's cloud.
 
-    python -m recipe.retool.launcher --dry-run [--config config/modal/default.yaml] [key=value ...]
+    python -m recipe.retool.cloud.launcher --dry-run [--config config/modal/default.yaml] [key=value ...]
 
 prints every Modal function's command and resources for the experiment config without running
 anything. Config values can be overridden with dotted ``key=value`` arguments (``gpus=4``,
@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 from omegaconf.nodes import EnumNode
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from recipe.retool import REPO_ROOT
+
 DEFAULT_CONFIG = REPO_ROOT / "config" / "modal" / "default.yaml"
 SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", "RETOOL_SANDBOX_TOKEN")
 # the bearer token of the sandbox web endpoint: its server requires it, our tool and evaluation send it
@@ -344,7 +345,7 @@ def model_server_url(exp: Experiment) -> str:
 
 def eval_command(exp: Experiment, output: str, sandbox_url: str, extra: Sequence[str] = ()) -> list[str]:
     e = exp.eval
-    return _py("recipe.retool.eval_aime24_standalone", "--model", e.served_name, "--output", output,
+    return _py("recipe.retool.evaluate", "--model", e.served_name, "--output", output,
                "--base-url", f"http://127.0.0.1:{e.port}/v1", "--sandbox-url", sandbox_url,
                "--data", f"{DATA_DIR}/rl/aime24.parquet", *e.args, *map(str, extra))
 
@@ -484,13 +485,13 @@ def smoke_experiment(exp: Experiment) -> Experiment:
 
 
 def attention_problems(exp: Experiment) -> list[str]:
-    """What ``retool.attention`` (recipe/retool/attention.py) or ``retool.kernels`` would refuse in the
+    """What ``retool.attention`` (recipe/retool/perf/attention.py) or ``retool.kernels`` would refuse in the
     cloud, found here before any image is built: the image has CUDA, Triton, liger-kernel and PyTorch's
     packed attention, and flash-attn only with ``image.flash_attn_wheel``. The train functions' own
     launch check stays the final word."""
-    from recipe.retool.attention import Environment, resolve
-    from recipe.retool.kernels import KernelEnvironment
-    from recipe.retool.kernels import resolve as resolve_kernels
+    from recipe.retool.perf.attention import Environment, resolve
+    from recipe.retool.perf.kernels import KernelEnvironment
+    from recipe.retool.perf.kernels import resolve as resolve_kernels
     from recipe.retool.train import compose, path_overrides, split_config_arg
 
     image = Environment(flash_attn=bool(exp.image.flash_attn_wheel), cuda=True, varlen=True)
@@ -520,7 +521,7 @@ def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
     return {
         "prep_dataset": {"gpu": None, "timeout": t.prep, "commands": prep_commands(exp)},
         "download_model": {"gpu": None, "timeout": t.download,
-                           "commands": [_py("recipe.retool.launcher", "--download", exp.model, model_dir(exp.model))]},
+                           "commands": [_py("recipe.retool.cloud.launcher", "--download", exp.model, model_dir(exp.model))]},
         "train": {"gpu": gpu, "nodes": exp.nodes, "timeout": t.sft, "commands": [sft_command(exp)]},
         "train_grpo": {"gpu": gpu, "timeout": t.grpo, "commands": [grpo_command(exp)],
                        "env": {"RETOOL_SANDBOX_URL": sandbox_url}},
@@ -549,7 +550,7 @@ def download(model_id: str, dest: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipe.retool.launcher", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.cloud.launcher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--download", nargs=2, metavar=("MODEL", "DEST"),
                    help="download a hub model to a directory (used inside the cloud), then exit")

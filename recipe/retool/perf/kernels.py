@@ -31,7 +31,7 @@ leaves them off and keeps Liger.
 Measured on one H100 (docs/performance.md): 1.5B at 16k tokens, 15,453 → 19,362 tokens/s (MFU
 26.2% → 33.1%); 3B at 4k, 12,470 → 15,768 (32.0% → 40.5%); same losses to 1e-4.
 
-    python -m recipe.retool.kernels     # what this machine would turn on
+    python -m recipe.retool.perf.kernels     # what this machine would turn on
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from recipe.retool.attention import MODEL_NODE
+from recipe.retool.perf.attention import MODEL_NODE
 
 CHOICES = ("auto", "off")
 
@@ -144,7 +144,7 @@ def padded_triton_problem(cfg, stage: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipe.retool.kernels",
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.perf.kernels",
                                 description="Print the fused kernels `retool.kernels=auto` turns on on this machine.")
     p.parse_args(argv)
     env = KernelEnvironment.probe()

@@ -1,4 +1,4 @@
-"""recipe.retool.eval_aime24_standalone: pass@k maths, tool formats and the history they leave,
+"""recipe.retool.evaluate: pass@k maths, tool formats and the history they leave,
 budgets, per-cause outcomes, resume identity, preflight, exit codes, and one scoring rule with the
 RL reward (against a scripted OpenAI-compatible server and our real sandbox)."""
 
@@ -15,17 +15,18 @@ from stub_openai_server import Script, StubServer
 
 from recipe.retool import PACKAGE_DIR
 from recipe.retool.data import load_code_tool_schema, rl_row, write_parquet
-from recipe.retool.eval_aime24_standalone import (
+from recipe.retool.evaluate import (
     TOOL_MESSAGE_OVERHEAD,
     EvalConfig,
     EvalError,
+    _parse,
     evaluate,
     identity_path,
     pass_at_k,
     samples_path,
 )
+from recipe.retool.processes import free_port
 from recipe.retool.reward import compute_score
-from recipe.retool.sandbox.local import free_port
 
 REPO = PACKAGE_DIR.parents[1]
 
@@ -111,9 +112,31 @@ def test_hermes_fallback_sends_each_call_once(tmp_path, sandbox_server, problems
     assert "<tool_call>" in first["content"] and "tool_calls" not in first
 
 
-def test_defaults_match_the_seed_and_training():
-    cfg = EvalConfig(model="m", output="o.json")
-    assert (cfg.samples, cfg.temperature, cfg.max_turns, cfg.concurrency, cfg.max_tokens) == (32, 0.7, 8, 64, 4096)
+def test_sampling_and_budgets_default_to_the_grpo_configs_validation():
+    from recipe.retool.train import compose
+
+    cfg = EvalConfig(model="m", output="o.json").resolved()
+    grpo = compose("retool_grpo_template")
+    rollout = grpo.actor_rollout_ref.rollout
+    # one pass@1: verl's validation and this evaluation sample alike, at the reference evaluation's 0.7
+    assert (cfg.temperature, cfg.top_p) == (rollout.val_kwargs.temperature, rollout.val_kwargs.top_p) == (0.7, 1.0)
+    assert (cfg.max_tokens, cfg.max_turns, cfg.max_tool_output_chars) == (
+        grpo.data.max_response_length, rollout.multi_turn.max_assistant_turns, rollout.multi_turn.max_tool_response_length)
+    assert (cfg.samples, cfg.concurrency) == (32, 64)  # pass@32 needs 32 samples; validation may take fewer
+    # another config and its overrides, as given to the trainer; a flag wins over both
+    up = EvalConfig(model="m", output="o.json", config="retool_grpo_upstream", max_turns=3,
+                    config_overrides=["data.max_response_length=1000"]).resolved()
+    assert (up.max_tokens, up.max_turns) == (1000, 3)
+
+
+def test_the_cli_names_where_each_default_comes_from(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "default the GRPO config's actor_rollout_ref.rollout.val_kwargs.temperature" in out
+    cfg = _parse(["--model", "m", "--output", "o", "--config-override", "data.max_response_length=512",
+                  "--temperature", "0.3"]).resolved()
+    assert (cfg.max_tokens, cfg.temperature) == (512, 0.3)
 
 
 def test_budget_is_the_total_across_turns(tmp_path, sandbox_server, problems_parquet, llm_factory):
@@ -218,7 +241,7 @@ def test_no_tools_offers_none_and_runs_none(tmp_path, problems_parquet, llm_fact
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recipe.retool.eval_aime24_standalone", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "recipe.retool.evaluate", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 

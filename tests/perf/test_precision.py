@@ -1,4 +1,4 @@
-"""recipe.retool.precision: every CPU run computes in fp32 unless the CPU does bf16 natively."""
+"""recipe.retool.perf.precision: every CPU run computes in fp32 unless the CPU does bf16 natively."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from recipe.retool import PACKAGE_DIR
-from recipe.retool.precision import (
+from recipe.retool.perf.precision import (
     CPU_BF16_ENV,
     ENGINE_SECTIONS,
     CpuBf16,
@@ -22,7 +22,7 @@ from recipe.retool.precision import (
 from recipe.retool.train import compose, path_overrides
 
 DEV = PACKAGE_DIR / "dev" / "config"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_BF16 = CpuBf16(False, "AVX2, no AVX512_BF16 or AMX_BF16")
 BF16 = CpuBf16(True, "AVX512 with AVX512_BF16")
 # every CPU config the miniature launches, as it launches them (stage, config, extra overrides)
@@ -104,7 +104,7 @@ def test_the_cpu_flags_decide(tmp_path, monkeypatch):
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 sve\n")
     assert cpu_flags(x86) == {"fpu", "sse2", "avx2", "fma"} and "bf16" in cpu_flags(arm)
     assert cpu_flags(tmp_path / "missing") is None
-    import recipe.retool.precision as precision
+    import recipe.retool.perf.precision as precision
 
     monkeypatch.delenv(CPU_BF16_ENV, raising=False)
     monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")

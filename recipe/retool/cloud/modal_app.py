@@ -1,18 +1,18 @@
 """ReTool on Modal: every pipeline stage as a Modal function, from one experiment config.
 
-    modal deploy recipe/retool/modal_sandbox.py                      # once: the sandbox web endpoint
-    modal run recipe/retool/modal_app.py::download_model
-    modal run recipe/retool/modal_app.py::prep_dataset
-    modal run recipe/retool/modal_app.py::train                      # SFT, 8 GPUs
-    modal run recipe/retool/modal_app.py::train_grpo                 # GRPO from the latest SFT checkpoint
-    modal run recipe/retool/modal_app.py::evaluate
-    modal run recipe/retool/modal_app.py::pipeline                   # SFT → GRPO → eval
-    modal run recipe/retool/modal_app.py::dry_run                    # print every command, run nothing
+    modal deploy recipe/retool/cloud/modal_sandbox.py                      # once: the sandbox web endpoint
+    modal run recipe/retool/cloud/modal_app.py::download_model
+    modal run recipe/retool/cloud/modal_app.py::prep_dataset
+    modal run recipe/retool/cloud/modal_app.py::train                      # SFT, 8 GPUs
+    modal run recipe/retool/cloud/modal_app.py::train_grpo                 # GRPO from the latest SFT checkpoint
+    modal run recipe/retool/cloud/modal_app.py::evaluate
+    modal run recipe/retool/cloud/modal_app.py::pipeline                   # SFT → GRPO → eval
+    modal run recipe/retool/cloud/modal_app.py::dry_run                    # print every command, run nothing
 
 The experiment config is ``RETOOL_MODAL_CONFIG`` (default ``config/modal/default.yaml``), read when
 this file is imported (locally and in the containers) because volume names and GPU counts are part
 of the function definitions. Each function is a thin wrapper: commands come from
-:mod:`recipe.retool.launcher`, which is where the logic (and its tests) live.
+:mod:`recipe.retool.cloud.launcher`, which is where the logic (and its tests) live.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import modal
 
-from recipe.retool import launcher
+from recipe.retool.cloud import launcher
 
 REPO = launcher.REPO_ROOT
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
@@ -106,7 +106,7 @@ def _sandbox_url() -> str:
 def _ensure_model(model_id: str) -> str:
     path = launcher.model_dir(model_id)
     if not (Path(path) / "config.json").exists():
-        _run([["python", "-m", "recipe.retool.launcher", "--download", model_id, path]])
+        _run([["python", "-m", "recipe.retool.cloud.launcher", "--download", model_id, path]])
         models_volume.commit()
     return path
 
@@ -191,7 +191,7 @@ def _latest_checkpoint() -> str:
 
 
 def _serve_and_evaluate(checkpoint: str, gpus: int, extra: list[str]) -> None:
-    from recipe.retool.sandbox.local import stop_process, wait_until_healthy
+    from recipe.retool.processes import stop_process, wait_until_healthy
     from recipe.retool.train import resolve_model
 
     resolved = resolve_model(checkpoint)

@@ -1,4 +1,4 @@
-"""recipe.retool.launcher: experiment configs, volume names, commands, checkpoints, secrets."""
+"""recipe.retool.cloud.launcher: experiment configs, volume names, commands, checkpoints, secrets."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from recipe.retool import launcher
-from recipe.retool.launcher import ConfigError, Experiment, load_experiment, volume_names
+from recipe.retool.cloud import launcher
+from recipe.retool.cloud.launcher import ConfigError, Experiment, load_experiment, volume_names
 
 REPO = launcher.REPO_ROOT
 
@@ -197,8 +197,8 @@ def test_dry_run_cli_prints_every_function(capsys):
 def test_modal_apps_import_with_the_real_package_and_register_every_function():
     import modal
 
-    import recipe.retool.modal_app as m
-    import recipe.retool.modal_sandbox as s
+    import recipe.retool.cloud.modal_app as m
+    import recipe.retool.cloud.modal_sandbox as s
 
     for name in ("prep_dataset", "download_model", "train", "train_grpo", "train_dapo", "evaluate", "pipeline",
                  "list_checkpoints", "merge_checkpoint", "check_sandbox_connection", "smoke", "list_models"):
@@ -208,21 +208,131 @@ def test_modal_apps_import_with_the_real_package_and_register_every_function():
     assert m.GPU == "H100:8"
 
 
-def test_image_installs_the_recipe_requirements_with_the_engine_set():
-    """The Modal image installs what `pip install -e ".[gpu]"` does (a --no-deps install of the
-    package follows), so the loggers and verl's extra imports are in it."""
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 (the dev extra installs tomli)
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def test_image_installs_pyprojects_dependencies_with_the_engines_extra():
+    """The Modal image installs what `pip install -e ".[gpu]"` / `".[gpu-vllm]"` does (a --no-deps
+    install of the package follows): pyproject's dependencies and the extra of image.engine, read from
+    the one declaration, so the loggers and verl's extra imports are in it."""
+    project = _pyproject()
     exp = load_experiment(REPO / "config" / "modal" / "default.yaml", environ={})
+    vllm = load_experiment(REPO / "config" / "modal" / "default.yaml", ["image.engine=vllm"], environ={})
+    assert (exp.gpu_extra, vllm.gpu_extra) == ("gpu", "gpu-vllm")
+    for e in (exp, vllm):
+        assert launcher.image_requirements(e) == [*project["dependencies"], *project["optional-dependencies"][e.gpu_extra]]
     packages = launcher.image_requirements(exp)
     assert {"verl==0.9.1", "swanlab", "wandb", "TransferQueue==0.1.11", "sglang==0.5.13"} <= set(packages)
-    vllm = load_experiment(REPO / "config" / "modal" / "default.yaml", ["image.engine=vllm"], environ={})
+    assert not any(p.startswith("torch") for p in project["dependencies"])  # CPU installs bring their own torch
     assert "vllm==0.24.0" in launcher.image_requirements(vllm) and "sglang==0.5.13" not in launcher.image_requirements(vllm)
+
+
+def test_requirements_are_read_from_the_given_pyproject(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["a==1", "b"]  # why a is pinned\n\n'
+                         '[project.optional-dependencies]\ngpu = [\n    "c>=2",  # a comment\n]\n')
+    assert launcher.read_requirements(pyproject=pyproject) == ["a==1", "b"]
+    assert launcher.read_requirements("gpu", pyproject) == ["c>=2"]
+    with pytest.raises(KeyError, match="no extra 'gpu-vllm' .*extras: gpu"):
+        launcher.read_requirements("gpu-vllm", pyproject)
+
+
+def _secrets_config(tmp_path):
+    """An experiment config naming store secrets, and a .env with values that must never be printed."""
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("experiment: secrets-test\nsecrets: [retool-keys, team-hf]\nsandbox:\n  secrets: [retool-sandbox-token]\n"
+                   "sft:\n  overrides: [engine.ulysses_sequence_parallel_size=1]\n")  # no flash-attn: see default.yaml
+    env = tmp_path / ".env"
+    env.write_text("HF_TOKEN=hf_dotenv_value_123\nRETOOL_SANDBOX_TOKEN=tok_dotenv_value_456\nWANDB_API_KEY=\n")
+    return cfg, env
+
+
+def test_dry_run_names_the_secret_sources_never_their_values(tmp_path, monkeypatch, capsys):
+    cfg, env = _secrets_config(tmp_path)
+    exp = load_experiment(cfg, environ={})
+    assert exp.secrets == ["retool-keys", "team-hf"] and exp.sandbox.secrets == ["retool-sandbox-token"]
+    assert Experiment().secrets == [] and Experiment().sandbox.secrets == []  # the store is opt-in
+    monkeypatch.setattr(launcher, "ENV_FILE", env)
+    assert launcher.main(["--dry-run", "--config", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert ("secrets: modal secret store [retool-keys, team-hf] then .env [HF_TOKEN, RETOOL_SANDBOX_TOKEN] "
+            "(a later source wins on a shared key)") in lines
+    # the sandbox gets its own store names and, from .env, the token only
+    assert ("sandbox secrets: modal secret store [retool-sandbox-token] then .env [RETOOL_SANDBOX_TOKEN] "
+            "(a later source wins on a shared key)") in lines
+    assert "hf_dotenv_value_123" not in out + err and "tok_dotenv_value_456" not in out + err
+    assert "WANDB_API_KEY" not in out  # empty in .env: not a source
+    monkeypatch.setattr(launcher, "ENV_FILE", tmp_path / "missing.env")
+    assert launcher.main(["--dry-run", "--config", str(REPO / "config" / "modal" / "default.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "secrets: none" in lines and "sandbox secrets: none" in lines
+
+
+def test_store_secrets_come_before_the_env_file_so_env_wins(monkeypatch):
+    """Modal applies a function's secrets in order, a later one winning on a shared key: the named
+    store secrets first, then the .env values (the real modal package; from_name recorded, since
+    there is no Modal cloud here to look a name up in)."""
+    import modal
+
+    calls = []
+    real = modal.Secret.from_name
+
+    def from_name(name, **kwargs):
+        calls.append(name)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(modal.Secret, "from_name", from_name)
+    secrets = launcher.modal_secrets(["retool-keys", "team-hf"], {"HF_TOKEN": "hf_value_789"})
+    assert calls == ["retool-keys", "team-hf"]
+    assert all(isinstance(s, modal.Secret) for s in secrets)
+    assert [repr(s) for s in secrets] == ["modal.Secret.from_name('retool-keys')", "modal.Secret.from_name('team-hf')",
+                                          "Secret.from_dict([HF_TOKEN])"]
+    assert [repr(s) for s in launcher.modal_secrets([], {})] == ["Secret.from_dict([])"]
+
+
+def test_modal_apps_get_the_store_secrets_of_the_config(tmp_path):
+    """Every function of modal_app that gets secrets gets the config's store names then the .env keys
+    (never a value), the same in the container (where .env is not read); the sandbox app gets only its
+    own store names and the token."""
+    cfg, env = _secrets_config(tmp_path)
+    code = ("import json, sys, modal\nfrom pathlib import Path\nfrom recipe.retool.cloud import launcher\n"
+            "launcher.ENV_FILE = Path(sys.argv[1])\n"
+            "import recipe.retool.cloud.modal_app as m\nimport recipe.retool.cloud.modal_sandbox as s\n"
+            "fns = {n: [repr(x) for x in f._spec_.secrets] for n, f in vars(m).items() if isinstance(f, modal.Function)}\n"
+            "print(json.dumps({'fns': fns, 'sandbox': [repr(x) for x in s.sandbox._spec_.secrets]}))")
+    environ = {k: v for k, v in os.environ.items() if k not in launcher.FORWARDED_ENV}
+    environ["RETOOL_MODAL_CONFIG"] = str(cfg)
+    runs = {}
+    for where, prefix in (("local", ""), ("container", "import modal\nmodal.is_local = lambda: False\n")):
+        proc = subprocess.run([sys.executable, "-c", prefix + code, str(env)], capture_output=True, text=True,
+                              env=environ, cwd=REPO, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "hf_dotenv_value_123" not in proc.stdout + proc.stderr and "tok_dotenv_value_456" not in proc.stdout + proc.stderr
+        runs[where] = json.loads(proc.stdout.strip().splitlines()[-1])
+    store = ["modal.Secret.from_name('retool-keys')", "modal.Secret.from_name('team-hf')"]
+    local, container = runs["local"], runs["container"]
+    with_secrets = {n for n, s in local["fns"].items() if s}
+    assert {"train", "train_grpo", "evaluate", "smoke", "check_sandbox_connection"} <= with_secrets
+    for name in with_secrets:
+        assert local["fns"][name] == [*store, "Secret.from_dict([HF_TOKEN, RETOOL_SANDBOX_TOKEN])"], name
+        assert container["fns"][name] == [*store, "Secret.from_dict([])"], name  # same sources, values stay local
+    for name in set(local["fns"]) - with_secrets:  # e.g. list_models: no secrets at all
+        assert not any("from_name" in s for s in local["fns"][name]), name
+    assert local["sandbox"] == ["modal.Secret.from_name('retool-sandbox-token')", "Secret.from_dict([RETOOL_SANDBOX_TOKEN])"]
+    assert container["sandbox"] == ["modal.Secret.from_name('retool-sandbox-token')", "Secret.from_dict([])"]
 
 
 def test_experiment_names_are_forwarded_into_the_containers():
     """RETOOL_EXPERIMENTER / RETOOL_EXPERIMENT name the volumes locally; every function gets them as
     environment variables, so the config re-read inside the container names the same experiment."""
     assert launcher.container_env({"RETOOL_EXPERIMENT": "x", "HOME": "/root"}) == {"RETOOL_EXPERIMENT": "x"}
-    code = ("import json, modal\nimport recipe.retool.modal_app as m\n"
+    code = ("import json, modal\nimport recipe.retool.cloud.modal_app as m\n"
             "fns = {n: repr(f._spec_.secrets) for n, f in vars(m).items() if isinstance(f, modal.Function)}\n"
             "print(json.dumps({'experiment': m.EXP.experiment, 'experimenter': m.EXP.experimenter, "
             "'volumes': m.VOLUME_NAMES, 'fns': fns}))")
@@ -272,7 +382,7 @@ class _Status503(threading.Thread):
 
 
 def test_the_model_server_wait_sleeps_after_non_200_and_fails_after_its_time():
-    from recipe.retool.sandbox.local import wait_until_healthy
+    from recipe.retool.processes import wait_until_healthy
 
     server = _Status503()
     try:
@@ -290,8 +400,8 @@ def test_modal_evaluation_never_runs_against_a_server_that_does_not_answer(monke
     The model server is a real process; the Modal volume commit and the eval command are stubbed."""
     from dataclasses import replace
 
-    import recipe.retool.modal_app as m
-    from recipe.retool.sandbox.local import free_port
+    import recipe.retool.cloud.modal_app as m
+    from recipe.retool.processes import free_port
 
     port = free_port()
     code = ("import sys\nfrom http.server import BaseHTTPRequestHandler, HTTPServer\n"
@@ -311,7 +421,7 @@ def test_modal_evaluation_never_runs_against_a_server_that_does_not_answer(monke
 
 def test_the_public_sandbox_endpoint_requires_a_token(tmp_path):
     """The deployed sandbox refuses to serve without RETOOL_SANDBOX_TOKEN; the token is a known secret."""
-    import recipe.retool.modal_sandbox as s
+    import recipe.retool.cloud.modal_sandbox as s
 
     (tmp_path / ".env").write_text("RETOOL_SANDBOX_TOKEN=abc123\nOTHER=x\n")
     assert launcher.load_env(tmp_path / ".env") == {"RETOOL_SANDBOX_TOKEN": "abc123"}
@@ -324,7 +434,7 @@ def test_the_public_sandbox_endpoint_requires_a_token(tmp_path):
 
 
 def test_a_cloud_run_the_trainer_would_refuse_stops_before_any_image_is_built(tmp_path):
-    from recipe.retool.launcher import attention_problems, load_experiment
+    from recipe.retool.cloud.launcher import attention_problems, load_experiment
 
     # the shipped configs run SFT at Ulysses 1 (retool_packed), since their image has no flash-attn
     for cfg in sorted((REPO / "config" / "modal").glob("*.yaml")):
@@ -338,6 +448,6 @@ def test_a_cloud_run_the_trainer_would_refuse_stops_before_any_image_is_built(tm
     # a misspelt retool.kernels value would stop the cloud run at its first stage
     [problem] = attention_problems(load_experiment(None, ["grpo.overrides=[retool.kernels=fast]"]))
     assert problem.startswith("grpo (retool_grpo_template)") and "expected one of auto, off" in problem
-    proc = subprocess.run([sys.executable, "-m", "recipe.retool.launcher", "--dry-run", "sft.overrides=[]"],
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.cloud.launcher", "--dry-run", "sft.overrides=[]"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "would be refused at launch" in proc.stderr and not proc.stdout

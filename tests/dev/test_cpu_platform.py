@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from recipe.retool.sandbox.local import free_port
+from recipe.retool.processes import free_port
 
 PROBE = r"""
 import json, torch

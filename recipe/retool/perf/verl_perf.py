@@ -6,7 +6,7 @@ logprobs_from_logits`` falls back to ``logprobs_from_logits_v2``, which loops ov
 micro-batch, a cost that grows with tokens and not with model size. This module replaces that
 fallback with the same computation over chunks of rows (same maths, same dtype handling, bounded
 peak memory). Loaded into verl's workers through the public ``model.external_lib`` hook
-(``model.external_lib=recipe.retool.verl_perf``); it changes nothing when flash-attn is installed.
+(``model.external_lib=recipe.retool.perf.verl_perf``); it changes nothing when flash-attn is installed.
 Remove when verl's fallback is vectorised.
 """
 

@@ -26,7 +26,7 @@ fp32 outright, so that its arithmetic, and therefore its learning, is the same o
 (treat the CPU as having no native bf16: reproduces such a machine's arithmetic anywhere), ``1``
 (treat it as native).
 
-    python -m recipe.retool.precision        # what this machine reports, and what a bf16 request gets
+    python -m recipe.retool.perf.precision        # what this machine reports, and what a bf16 request gets
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def resolve(cfg, stage: str, support: CpuBf16 | None = None) -> PrecisionDecisio
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipe.retool.precision", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.perf.precision", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.parse_args(argv)
     try:

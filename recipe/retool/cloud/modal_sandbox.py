@@ -1,7 +1,7 @@
 """The sandbox service on Modal: a web endpoint that autoscales with load.
 
-    modal deploy recipe/retool/modal_sandbox.py
-    modal run recipe/retool/modal_app.py::check_sandbox_connection
+    modal deploy recipe/retool/cloud/modal_sandbox.py
+    modal run recipe/retool/cloud/modal_app.py::check_sandbox_connection
 
 Serves the same FastAPI app as ``python -m recipe.retool.sandbox serve``. Training and evaluation
 find its URL through ``modal.Function.from_name`` unless the experiment config sets ``sandbox.url``.
@@ -22,7 +22,7 @@ import os
 
 import modal
 
-from recipe.retool import launcher
+from recipe.retool.cloud import launcher
 
 logger = logging.getLogger(__name__)
 

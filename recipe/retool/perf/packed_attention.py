@@ -24,9 +24,9 @@ varlen kernel. Two consequences: a sequence can meet different kernels in differ
 one micro-batch, packed with others in the next), equal to bf16 rounding; and verl's
 ``engine.pad_to_length`` appends a padding segment to every pack, which then never holds one sequence.
 
-``retool.attention: auto`` (:mod:`recipe.retool.attention`) selects it on CUDA machines without
-flash-attn at Ulysses size 1, through ``model.external_lib=recipe.retool.packed_attention`` (which
-also loads ``recipe.retool.verl_perf``, the recipe's default external lib) and
+``retool.attention: auto`` (:mod:`recipe.retool.perf.attention`) selects it on CUDA machines without
+flash-attn at Ulysses size 1, through ``model.external_lib=recipe.retool.perf.packed_attention`` (which
+also loads ``recipe.retool.perf.verl_perf``, the recipe's default external lib) and
 ``+model.override_config.attn_implementation=retool_packed``; a micro-batch then holds several
 sequences wherever ``max_token_len_per_gpu`` exceeds the sequence length. Not supported (each
 raises): Ulysses sequence parallelism (verl's all-to-all lives in its flash-attention patch), padded
@@ -41,8 +41,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from recipe.retool import verl_perf  # noqa: F401  (the recipe's default external lib, kept when this one replaces it)
-from recipe.retool.attention import cudnn_single_sequence_mode
+from recipe.retool.perf import verl_perf  # noqa: F401  (the recipe's default external lib, kept when this one replaces it)
+from recipe.retool.perf.attention import cudnn_single_sequence_mode
 
 NAME = "retool_packed"
 

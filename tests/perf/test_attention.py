@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from recipe.retool import PACKAGE_DIR
-from recipe.retool.attention import Environment, choose, resolve
+from recipe.retool.perf.attention import Environment, choose, resolve
 from recipe.retool.train import compose, main, path_overrides, split_config_arg
 
 FLASH = Environment(flash_attn=True, cuda=True, varlen=True)
@@ -55,7 +55,7 @@ def test_overrides_put_the_choice_into_verls_model_config():
     choice, ov = resolve(_cfg("grpo"), "grpo", CUDA_ONLY)
     assert choice.implementation == "retool_packed"
     assert ov == ["+actor_rollout_ref.model.override_config.attn_implementation=retool_packed",
-                  "actor_rollout_ref.model.external_lib=recipe.retool.packed_attention"]
+                  "actor_rollout_ref.model.external_lib=recipe.retool.perf.packed_attention"]
     cfg = compose("retool_grpo_template", [*path_overrides("m", "d", "o", None), *ov])
     assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "retool_packed"
     # the SFT template runs Ulysses 4: flash attention when installed, else refused
@@ -83,7 +83,7 @@ def test_a_launch_that_would_train_wrongly_is_refused_before_anything_starts(tin
     assert rc == 0 and len(started) == 1
     command = " ".join(started[0][0])
     assert "+model.override_config.attn_implementation=retool_packed" in command
-    assert "model.external_lib=recipe.retool.packed_attention" in command
+    assert "model.external_lib=recipe.retool.perf.packed_attention" in command
 
 
 def test_dry_run_says_what_it_picked(tiny_model_dir, sample_data, tmp_path):
@@ -100,5 +100,5 @@ def test_dry_run_says_what_it_picked(tiny_model_dir, sample_data, tmp_path):
 
 
 def test_cli_reports_this_machine():
-    proc = subprocess.run([sys.executable, "-m", "recipe.retool.attention", "--ulysses", "1"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.perf.attention", "--ulysses", "1"], capture_output=True, text=True)
     assert proc.returncode == 0 and Environment.probe().describe() in proc.stdout

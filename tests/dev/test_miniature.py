@@ -11,18 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from recipe.retool.dev.miniature import grpo_curve, parse_step_metrics
+from recipe.retool.dev.miniature import grpo_curve
+from recipe.retool.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_step_lines_and_curve_come_from_verl_log_and_rollout_dumps(tmp_path):
-    log = ("(TaskRunner pid=1) step:1 - critic/score/mean:-0.5 - num_turns/mean:np.float64(3.5) - timing_s/step:9.1\n"
-           "noise\n"
-           "step:2 - critic/score/mean:0.25 - num_turns/mean:4.0 - val-core/aime24/acc/mean@4:np.float64(0.625)\n")
-    metrics = parse_step_metrics(log)
-    assert metrics[1]["critic/score/mean"] == -0.5 and metrics[1]["num_turns/mean"] == 3.5
-    assert metrics[2]["val-core/aime24/acc/mean@4"] == 0.625
+def test_the_curve_comes_from_verls_metrics_file_and_rollout_dumps(tmp_path):
+    records = [{"step": 1, "data": {"critic/score/mean": -0.5, "num_turns/mean": 3.5, "timing_s/step": 9.1}},
+               {"step": 2, "data": {"critic/score/mean": 0.25, "num_turns/mean": 4.0}},
+               {"step": 2, "data": {"val-core/aime24/acc/mean@4": 0.625}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics = read_metrics(tmp_path)
+    assert metrics[1]["critic/score/mean"] == -0.5 and metrics[2]["val-core/aime24/acc/mean@4"] == 0.625
     (tmp_path / "2.jsonl").write_text("".join(json.dumps({"score": s, "verify_timed_out": float(s == -0.9)}) + "\n" for s in (1.0, -1.0, -0.9, 1.0)))
     curve = grpo_curve(metrics, tmp_path)
     assert [p["step"] for p in curve] == [1, 2] and "acc" not in curve[0] and curve[1]["acc"] == 0.5
@@ -34,7 +35,7 @@ def run_pipeline(args: list[str], log: Path, timeout: float) -> int:
     torchrun, the sandbox and model servers) is killed, so nothing is left running, and the failure
     shows how far each stage got."""
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "recipe.retool.pipeline", *args], cwd=ROOT, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "recipe.retool.dev.miniature", *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             return proc.wait(timeout=timeout)

@@ -8,8 +8,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from recipe.retool.attention import Environment
-from recipe.retool.kernels import KernelChoice, KernelEnvironment, choose, padded_triton_problem, resolve
+from recipe.retool.perf.attention import Environment
+from recipe.retool.perf.kernels import KernelChoice, KernelEnvironment, choose, padded_triton_problem, resolve
 from recipe.retool.train import compose, main, path_overrides
 
 FULL = KernelEnvironment(cuda=True, triton=True, liger=True)
@@ -105,7 +105,7 @@ def test_the_launch_carries_them_and_says_so(tiny_model_dir, sample_data, tmp_pa
 
 def test_cli_and_dry_run_report_this_machine(tiny_model_dir, sample_data, tmp_path):
     expected = choose("auto", KernelEnvironment.probe()).describe()
-    proc = subprocess.run([sys.executable, "-m", "recipe.retool.kernels"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.perf.kernels"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == expected
     proc = subprocess.run([sys.executable, "-m", "recipe.retool.train", "grpo", str(tiny_model_dir),
                            str(sample_data["rl"].parent.parent), str(tmp_path / "o"), "--dry-run"],

@@ -1,6 +1,6 @@
 """AIME24 evaluation with tool use: pass@1 … pass@32 against any OpenAI-compatible server + a sandbox.
 
-    python -m recipe.retool.eval_aime24_standalone --model MODEL --output results/aime24.json \\
+    python -m recipe.retool.evaluate --model MODEL --output results/aime24.json \\
         [--base-url http://localhost:8000/v1] [--sandbox-url http://localhost:8080] [--data FILE.parquet]
     ./recipe/retool/evaluate_model.sh MODEL OUTPUT [BASE_URL] [SANDBOX_URL] [API_KEY] [more flags]
 
@@ -9,8 +9,11 @@ interpreter (native OpenAI ``tool_calls`` or hermes ``<tool_call>`` text, whiche
 returns), the code runs on the sandbox and its output goes back as a ``tool`` message.
 ``--no-tools`` evaluates text only: no tools are offered, a tool call in the text is not run.
 
-Budgets match training (verl's ``data.max_response_length`` and ``multi_turn.max_assistant_turns``):
-``--max-tokens`` is the *total* response budget of a sample across all turns, counted like verl
+Sampling and budgets come from the GRPO config that trained the model (``--config``, default
+``retool_grpo_template``; ``--config-override key=value`` as given to the trainer), so this pass@1 is
+the one verl's validation measures: temperature and top-p from ``rollout.val_kwargs``, the response
+budget from ``data.max_response_length``, turns from ``multi_turn.max_assistant_turns``, tool output
+from ``multi_turn.max_tool_response_length``. A flag overrides its setting. ``--max-tokens`` is the *total* response budget of a sample across all turns, counted like verl
 counts the response — every token after the prompt, model output and tool outputs alike (from the
 server's ``usage``). Each request asks for what is left; tool outputs not yet counted by the server
 are charged at an upper bound (characters + 16). A call on the last allowed turn is not run.
@@ -46,7 +49,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +84,15 @@ class EvalConfig:
     api_key: str = "EMPTY"
     data: str | None = None
     samples: int = 32
-    max_turns: int = 8  # model turns per sample (verl: multi_turn.max_assistant_turns)
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_tokens: int = 4096  # TOTAL response tokens per sample across turns (verl: data.max_response_length)
+    # None: from the GRPO config (``config`` + ``config_overrides``; FROM_GRPO_CONFIG names the keys)
+    max_turns: int | None = None  # model turns per sample
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None  # TOTAL response tokens per sample across turns
     concurrency: int = 64  # model requests in flight
     code_timeout: float = 30.0
     code_memory_mb: int = 1024
-    max_tool_output_chars: int = 1024  # verl: multi_turn.max_tool_response_length
+    max_tool_output_chars: int | None = None
     request_timeout: float = 600.0
     max_retries: int = 4
     limit: int | None = None  # only the first N problems (smoke runs)
@@ -96,6 +100,31 @@ class EvalConfig:
     max_error_rate: float = 0.02  # fail the run (exit 3) above this fraction of samples in error
     allow_resume_mismatch: bool = False
     preflight: bool = True
+    config: str = "retool_grpo_template"  # the GRPO config the evaluation settings default to
+    config_overrides: list[str] = field(default_factory=list)
+
+    def resolved(self) -> EvalConfig:
+        """This config with every unset sampling and budget setting read from the GRPO config."""
+        unset = [name for name in FROM_GRPO_CONFIG if getattr(self, name) is None]
+        if not unset:
+            return self
+        from omegaconf import OmegaConf
+
+        from recipe.retool.train import compose, split_config_arg
+
+        name, config_dir = split_config_arg(self.config)
+        cfg = compose(name, list(self.config_overrides), config_dir)
+        return replace(self, **{k: OmegaConf.select(cfg, FROM_GRPO_CONFIG[k]) for k in unset})
+
+
+# evaluation setting → the GRPO config key it defaults to (what verl's validation uses)
+FROM_GRPO_CONFIG = {
+    "temperature": "actor_rollout_ref.rollout.val_kwargs.temperature",
+    "top_p": "actor_rollout_ref.rollout.val_kwargs.top_p",
+    "max_tokens": "data.max_response_length",
+    "max_turns": "actor_rollout_ref.rollout.multi_turn.max_assistant_turns",
+    "max_tool_output_chars": "actor_rollout_ref.rollout.multi_turn.max_tool_response_length",
+}
 
 
 @dataclass
@@ -217,7 +246,7 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig, client: Any = None, sandbox: SandboxClient | None = None):
         from openai import AsyncOpenAI
 
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved()
         self.client = client or AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key,
                                             timeout=cfg.request_timeout, max_retries=cfg.max_retries)
         self.sandbox = sandbox or SandboxClient(cfg.sandbox_url, max_concurrency=cfg.concurrency,
@@ -521,6 +550,7 @@ async def evaluate(cfg: EvalConfig, evaluator: Evaluator | None = None) -> dict[
     from tqdm import tqdm
 
     quiet_http_loggers()
+    cfg = cfg.resolved()
     if cfg.data is None:
         raise DataError("no --data given (an RL-schema parquet, e.g. data/rl/aime24.parquet)")
     if cfg.max_tokens < 1 or cfg.max_turns < 1 or cfg.samples < 1:
@@ -600,7 +630,7 @@ async def evaluate(cfg: EvalConfig, evaluator: Evaluator | None = None) -> dict[
 
 def _parse(argv: Sequence[str] | None) -> EvalConfig:
     d = EvalConfig(model="", output="")
-    p = argparse.ArgumentParser(prog="python -m recipe.retool.eval_aime24_standalone", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name as the server knows it")
     p.add_argument("--output", required=True, help="summary JSON path (samples go to OUTPUT.samples.jsonl)")
@@ -611,14 +641,23 @@ def _parse(argv: Sequence[str] | None) -> EvalConfig:
                    help="resume even when OUTPUT.run.json records another model/data/sampling/budget")
     p.add_argument("--no-preflight", dest="preflight", action="store_false",
                    help="skip the one-request check of the model server and sandbox")
+    p.add_argument("--config", default=d.config,
+                   help="GRPO config (name or YAML path) whose validation sampling and budgets are the defaults "
+                        "(default %(default)s)")
+    p.add_argument("--config-override", dest="config_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of that config, as given to the trainer (repeatable)")
     helps = {"max_tokens": "TOTAL response tokens per sample across all turns, tool outputs included",
              "max_turns": "model turns per sample", "concurrency": "model requests in flight",
              "max_error_rate": "exit 3 when more than this fraction of samples end in error"}
+    types = {"max_tokens": int, "max_turns": int, "temperature": float, "top_p": float, "max_tool_output_chars": int}
     for name, value in asdict(d).items():
-        if name in ("model", "output", "data", "limit", "no_tools", "allow_resume_mismatch", "preflight"):
+        if name in ("model", "output", "data", "limit", "no_tools", "allow_resume_mismatch", "preflight", "config",
+                    "config_overrides"):
             continue
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=type(value), default=value, help=f"{helps.get(name, '')} (default {value})".strip())
+        default = f"the GRPO config's {FROM_GRPO_CONFIG[name]}" if name in FROM_GRPO_CONFIG else value
+        p.add_argument(flag, type=types.get(name, type(value)), default=value,
+                       help=f"{helps.get(name, '')} (default {default})".strip())
     args = vars(p.parse_args(argv))
     return EvalConfig(**args)
 

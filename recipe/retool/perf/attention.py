@@ -11,7 +11,7 @@ flash-attn 2 installed                      any                 ``flash_attentio
 CUDA, no flash-attn, PyTorch >= 2.10        1                   ``retool_packed`` (PyTorch's packed flash
                                                                 attention; a pack of one sequence through
                                                                 cuDNN's kernel:
-                                                                :mod:`recipe.retool.packed_attention`)
+                                                                :mod:`recipe.retool.perf.packed_attention`)
 no flash-attn (CUDA or not)                 > 1                 refused: verl applies Ulysses only inside
                                                                 flash attention (see below)
 no CUDA (CPU: development, dry runs)        1                   ``sdpa``
@@ -26,7 +26,7 @@ rank all tokens of its heads), while its engine slices every packed row across t
 attention. With ``sdpa``, ``eager`` or ``retool_packed`` each rank would attend within its own
 slice only: training runs, silently wrong.
 
-    python -m recipe.retool.attention [--ulysses N]     # what this machine would pick
+    python -m recipe.retool.perf.attention [--ulysses N]     # what this machine would pick
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ MODEL_NODE = {"sft": "model", "grpo": "actor_rollout_ref.model"}
 ULYSSES_KEYS = {"sft": ("engine.ulysses_sequence_parallel_size",),
                 "grpo": ("actor_rollout_ref.actor.ulysses_sequence_parallel_size",
                          "actor_rollout_ref.ref.ulysses_sequence_parallel_size")}
-PACKED_LIB = "recipe.retool.packed_attention"
+PACKED_LIB = "recipe.retool.perf.packed_attention"
 # retool_packed on a Hopper GPU: a pack of one sequence goes to cuDNN's attention kernel unless "0";
 # "gqa" hands cuDNN the grouped key/value heads as they are instead of repeated to the query heads
 CUDNN_ENV = "RETOOL_PACKED_CUDNN"
@@ -150,12 +150,12 @@ def implementation_overrides(node: str, implementation: str, new_key: bool) -> l
     (``new_key``: the config has no ``override_config.attn_implementation`` yet, so Hydra needs ``+``)."""
     overrides = [f"{'+' if new_key else ''}{node}.override_config.attn_implementation={implementation}"]
     if implementation == "retool_packed":
-        overrides.append(f"{node}.external_lib={PACKED_LIB}")  # which also loads recipe.retool.verl_perf
+        overrides.append(f"{node}.external_lib={PACKED_LIB}")  # which also loads recipe.retool.perf.verl_perf
     return overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipe.retool.attention",
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.perf.attention",
                                 description="Print the attention implementation `retool.attention=auto` picks on this machine.")
     p.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel size (default 1)")
     p.add_argument("--requested", default="auto", choices=CHOICES)

@@ -1,4 +1,4 @@
-"""recipe/retool/packed_attention.py: attention within each packed sequence, as SDPA over each alone."""
+"""recipe/retool/perf/packed_attention.py: attention within each packed sequence, as SDPA over each alone."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe.retool import packed_attention
-from recipe.retool.attention import CUDNN_ENV
-from recipe.retool.packed_attention import NAME, packed_attention_forward, sequence_boundaries
+from recipe.retool.perf import packed_attention
+from recipe.retool.perf.attention import CUDNN_ENV
+from recipe.retool.perf.packed_attention import NAME, packed_attention_forward, sequence_boundaries
 
 LENGTHS = [5, 9, 1, 7]
 
@@ -152,7 +152,7 @@ def test_a_bad_cudnn_switch_stops_the_launch(monkeypatch, tiny_model_dir, sample
     """A value the workers would refuse at their first forward stops `train.py` before anything starts."""
     import subprocess
 
-    from recipe.retool.attention import Environment
+    from recipe.retool.perf.attention import Environment
     from recipe.retool.train import main
 
     # a machine where the SFT template's Ulysses size is allowed (flash-attn installed)
@@ -187,11 +187,11 @@ def test_ulysses_sequence_parallelism_is_refused(monkeypatch):
 
 
 def test_verl_workers_get_it_through_the_recipes_external_lib():
-    """``model.external_lib=recipe.retool.packed_attention`` registers the attention and keeps verl_perf's patch."""
+    """``model.external_lib=recipe.retool.perf.packed_attention`` registers the attention and keeps verl_perf's patch."""
     import subprocess
     import sys
 
-    probe = ("import recipe.retool.packed_attention, recipe.retool.verl_perf as v; from transformers import AttentionInterface; "
+    probe = ("import recipe.retool.perf.packed_attention, recipe.retool.perf.verl_perf as v; from transformers import AttentionInterface; "
              f"print(v._tf.logprobs_from_logits_v2 is v.logprobs_from_logits_chunked or not v.PATCHED, "
              f"'{NAME}' in AttentionInterface._global_mapping)")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
@@ -208,7 +208,7 @@ def test_verl_sft_trainer_packed_and_fused_match_padded_sdpa(tiny_model_dir, sam
     from recipe.retool import PACKAGE_DIR
 
     spec = importlib.util.spec_from_file_location("attention_loss_curves",
-                                                  Path(__file__).resolve().parents[1] / "scripts" / "attention_loss_curves.py")
+                                                  Path(__file__).resolve().parents[2] / "scripts" / "attention_loss_curves.py")
     curves = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(curves)
     data_dir = Path(sample_data["sft"]).parents[1]

@@ -1,11 +1,11 @@
-"""recipe.retool.verl_perf: the chunked log-prob fallback equals verl's row loop, and is installed."""
+"""recipe.retool.perf.verl_perf: the chunked log-prob fallback equals verl's row loop, and is installed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from recipe.retool import verl_perf
+from recipe.retool.perf import verl_perf
 
 
 @pytest.mark.parametrize("dtype, shape", [(torch.float32, (3, 700)), (torch.bfloat16, (2, 1500)), (torch.float32, (2500,))])

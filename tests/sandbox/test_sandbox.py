@@ -264,7 +264,7 @@ def test_the_benchmark_splits_request_time_and_counts_requests_per_front():
     the requests between them, and how many each front brought (the spread of connections)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_sandbox", Path(__file__).parents[1] / "scripts" / "bench_sandbox.py")
+    spec = importlib.util.spec_from_file_location("bench_sandbox", Path(__file__).parents[2] / "scripts" / "bench_sandbox.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
@@ -372,7 +372,7 @@ def test_ordinary_programs_keep_working_inside_the_confinement(sandbox_server):
 # ----------------------------------------------------------------------------- hardening
 # One attack (or more) per hole of the "Sandbox hardening" issue; each of these failed before it.
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def post_raw(server, body: bytes, timeout: float = 30, headers: dict | None = None) -> httpx.Response:
@@ -649,7 +649,7 @@ def one_worker_server():
     import shutil
     import tempfile
 
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     tree = tempfile.mkdtemp(prefix="retool-tree-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
     shutil.copytree(os.path.join(REPO, "recipe"), os.path.join(tree, "recipe"),
@@ -803,7 +803,7 @@ def nobody_server():
     import subprocess
     import sys
 
-    from recipe.retool.sandbox.local import free_port, stop_process, wait_until_healthy
+    from recipe.retool.processes import free_port, stop_process, wait_until_healthy
 
     port = free_port()
     args = [sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port), "--workers", "1",
@@ -848,7 +848,7 @@ def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
     dies is restarted, and the server stops cleanly (no front or worker left behind)."""
     import signal
 
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     server = LocalSandbox(workers=2, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
                           extra_args=["--preload", "math", "--fronts", "2"]).wait()
@@ -902,7 +902,7 @@ def test_several_fronts_share_one_port_and_a_dead_front_is_restarted():
 def test_only_the_fronts_hold_the_listening_socket():
     """No worker (manager, zygote) holds the server's port: a run could otherwise accept() on it,
     and a stopping server would keep accepting connections nobody serves."""
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     server = LocalSandbox(workers=2, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
                           extra_args=["--preload", "math", "--fronts", "2"]).wait()
@@ -940,7 +940,7 @@ def descendants(pid: int) -> list[int]:
 def test_a_stopped_server_leaves_no_cgroup_behind():
     """The slots' warm interpreters sit in the slot cgroups; when the server stops they die with their
     workers a moment later, and the directories must still be removed (not left for the next start)."""
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     server = LocalSandbox(workers=2, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
                           extra_args=["--preload", "math"]).wait()
@@ -1205,7 +1205,7 @@ def _server_with(extra: list[str], nofile: int | None = None):
     import resource
     import subprocess
 
-    from recipe.retool.sandbox.local import free_port, stop_process, wait_until_healthy
+    from recipe.retool.processes import free_port, stop_process, wait_until_healthy
 
     port = free_port()
     args = [sys.executable, "-m", "recipe.retool.sandbox", "serve", "--port", str(port), "--workers", "1",
@@ -1353,7 +1353,7 @@ def test_two_servers_on_one_host_never_share_sandbox_identities():
     fork() fail in the other's. Each server claims a range of uids of its own."""
     import threading
 
-    from recipe.retool.sandbox.local import LocalSandbox
+    from recipe.retool.processes import LocalSandbox
 
     storm = ("import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n"
              "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\n"

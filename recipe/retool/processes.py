@@ -1,4 +1,8 @@
-"""Start our sandbox server as a local subprocess on a free loopback port (demo, tests, benchmarks)."""
+"""Local server processes of the recipe: a free port, "wait until it answers", a clean stop, and our
+sandbox server started as a subprocess on loopback (pipeline, miniature, tests, benchmarks).
+
+These helpers belong to the recipe, not to the sandbox package: model servers use them too, and
+the sandbox imports nothing of the recipe."""
 
 from __future__ import annotations
 
