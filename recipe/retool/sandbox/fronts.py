@@ -19,7 +19,8 @@ response's as the worker did; the pool's process passes both through untouched).
 
 A front whose channel closes (the pool's process died) shuts itself down, so no front outlives the
 pool while holding the port. The front process is started by the server (``_supervise`` in
-``server.py``), not by hand.
+``server.py``), not by hand; it serves the HTTP app of ``app.py``. Imports go one way: ``server``
+imports this module, this module imports ``app``, and neither of those imports ``server``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from recipe.retool.sandbox.app import TOKEN_ENV, serve_front
 from recipe.retool.sandbox.pool import Abandoned, PoolGone, QueueFull, SandboxConfig, WorkerPool, sandbox_error
 
 logger = logging.getLogger(__name__)
@@ -251,8 +253,6 @@ def front_command(listen_fd: int, channel_fd: int, index: int, config: SandboxCo
 
 
 def main(argv: list[str]) -> int:
-    from recipe.retool.sandbox.server import TOKEN_ENV, serve_front
-
     listen_fd, channel_fd, index = (int(a) for a in argv[:3])
     config = SandboxConfig(**json.loads(argv[3]))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s front {index} %(name)s: %(message)s")
