@@ -271,7 +271,10 @@ def test_dry_run_names_the_secret_sources_never_their_values(tmp_path, monkeypat
     monkeypatch.setattr(launcher, "ENV_FILE", tmp_path / "missing.env")
     assert launcher.main(["--dry-run", "--config", str(REPO / "config" / "modal" / "default.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "secrets: none" in lines and "sandbox secrets: none" in lines
+    assert "secrets: none" in lines
+    assert "sandbox secrets: none (the deployed sandbox refuses to serve without RETOOL_SANDBOX_TOKEN)" in lines
+    assert launcher.main(["--dry-run", "--config", str(cfg)]) == 0  # one source: nothing to win over
+    assert "secrets: modal secret store [retool-keys, team-hf]" in capsys.readouterr().out.splitlines()
 
 
 def test_store_secrets_come_before_the_env_file_so_env_wins(monkeypatch):

@@ -1,6 +1,7 @@
 """The cloud launcher's plain-Python half: experiment configs, volume names, stage commands,
-checkpoint discovery and bookkeeping, secrets from ``.env``. ``modal_app.py`` is a thin shell
-around this module, so all of it is testable without Modal's cloud.
+checkpoint discovery and bookkeeping, secrets (Modal's secret store and ``.env``), the image's
+dependencies (pyproject.toml). ``modal_app.py`` is a thin shell around this module, so all of it is
+testable without Modal's cloud.
 
     python -m recipe.retool.cloud.launcher --dry-run [--config config/modal/default.yaml] [key=value ...]
 
@@ -37,13 +38,16 @@ from omegaconf.nodes import EnumNode
 from recipe.retool import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "config" / "modal" / "default.yaml"
+# The keys the launcher takes from a local .env (others there are ignored): sent to the containers as a
+# Modal secret together with the named secrets of Modal's secret store (``secrets:`` in the config)
 SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", "RETOOL_SANDBOX_TOKEN")
+ENV_FILE = REPO_ROOT / ".env"
 # the bearer token of the sandbox web endpoint: its server requires it, our tool and evaluation send it
 SANDBOX_TOKEN_ENV = "RETOOL_SANDBOX_TOKEN"
-# image.engine -> the GPU set the image installs (one file per set, also setup.py's extras)
-GPU_REQUIREMENTS = {"sglang": "requirements-gpu.txt", "vllm": "requirements-gpu-vllm.txt"}
-# what every install needs (setup.py's install_requires reads the same file)
-CORE_REQUIREMENTS = REPO_ROOT / "recipe" / "retool" / "requirements.txt"
+# The one declaration of every dependency: `dependencies` (every install) and the extras; the Modal
+# image installs `dependencies` + the GPU extra of image.engine from it, as `pip install -e ".[gpu]"` does
+PYPROJECT = REPO_ROOT / "pyproject.toml"
+GPU_EXTRAS = {"sglang": "gpu", "vllm": "gpu-vllm"}  # image.engine -> pyproject's extra
 # local environment variables that name the experiment: they override the file, and are forwarded
 # into the containers so that paths computed there agree with the volumes named here
 FORWARDED_ENV = {"RETOOL_EXPERIMENTER": "experimenter", "RETOOL_EXPERIMENT": "experiment"}
@@ -117,6 +121,9 @@ class EvalStage:
 @dataclass
 class SandboxSettings:
     url: str | None = None  # None: the URL of the deployed sandbox app
+    # Modal secret-store names for the sandbox app (modal_sandbox.py), before RETOOL_SANDBOX_TOKEN from
+    # .env: keep them to a secret holding only the token, since the sandbox runs model-written code
+    secrets: list[str] = field(default_factory=list)
     app_name: str = "retool-sandbox"
     function: str = "sandbox"
     workers: int = 16
@@ -161,11 +168,15 @@ class Experiment:
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     smoke: SmokeRun = field(default_factory=SmokeRun)
     image: ImageSettings = field(default_factory=ImageSettings)
+    # Named secrets of Modal's secret store (`modal secret create NAME KEY=value …`) for every function
+    # that gets secrets, in this order, then the keys of the local .env: on a key set twice the later
+    # source wins (Modal applies a function's secrets in order), so .env overrides the store
+    secrets: list[str] = field(default_factory=list)
 
     @property
-    def gpu_requirements(self) -> Path:
-        """The GPU set the image installs: the same file as setup.py's `gpu` / `gpu-vllm` extra."""
-        return REPO_ROOT / "recipe" / "retool" / GPU_REQUIREMENTS[self.image.engine.value]
+    def gpu_extra(self) -> str:
+        """The pyproject extra with the GPU set the image installs (`gpu` for SGLang, `gpu-vllm` for vLLM)."""
+        return GPU_EXTRAS[self.image.engine.value]
 
     @property
     def sft_name(self) -> str:
@@ -434,8 +445,9 @@ def stamp_checkpoints(exp_dir: str | Path) -> list[Path]:
     return written
 
 
-def load_env(path: str | Path = ".env") -> dict[str, str]:
-    """The known secrets from a local ``.env`` (missing file → {}); other keys are ignored."""
+def load_env(path: str | Path = ENV_FILE) -> dict[str, str]:
+    """The known secrets (:data:`SECRET_KEYS`) from a local ``.env`` (missing file → {}); other keys
+    and empty values are ignored, so an empty line in ``.env`` never hides a value from the secret store."""
     from dotenv import dotenv_values
 
     path = Path(path)
@@ -445,8 +457,9 @@ def load_env(path: str | Path = ".env") -> dict[str, str]:
     return {k: v for k, v in values.items() if k in SECRET_KEYS and v}
 
 
-def logging_env(secrets: dict[str, str]) -> dict[str, str]:
-    """Offline/local logging modes for the loggers whose key is absent."""
+def logging_env(secrets: Mapping[str, str]) -> dict[str, str]:
+    """Offline/local logging modes for the loggers whose key is absent. Called in the container on its
+    environment, where the keys of every secret source (store and ``.env``) have arrived."""
     env = {}
     if "WANDB_API_KEY" not in secrets:
         env["WANDB_MODE"] = "offline"
@@ -468,15 +481,51 @@ def container_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {env: environ[env] for env in FORWARDED_ENV if environ.get(env)}
 
 
+def secret_sources(exp: Experiment, env_keys: Sequence[str]) -> dict[str, list[str]]:
+    """Where the functions' secrets come from, in the order Modal applies them (a later source wins on
+    a key both set): the named secrets of the store, then ``.env``. Names and keys only, never values."""
+    return {"modal secret store": list(exp.secrets), ".env": sorted(env_keys)}
+
+
+def sandbox_secret_sources(exp: Experiment, env_keys: Sequence[str]) -> dict[str, list[str]]:
+    """The same for the sandbox app: its own store names, then only the token from ``.env``."""
+    return {"modal secret store": list(exp.sandbox.secrets), ".env": [k for k in env_keys if k == SANDBOX_TOKEN_ENV]}
+
+
+def modal_secrets(names: Sequence[str], env_values: Mapping[str, str]) -> list[Any]:
+    """The ``modal.Secret`` list of a function, in the order Modal applies it (on a key both set, the
+    later wins): ``modal.Secret.from_name`` for each store name, then one from the ``.env`` values."""
+    import modal
+
+    return [*(modal.Secret.from_name(name) for name in names), modal.Secret.from_dict(dict(env_values))]
+
+
+def describe_sources(sources: Mapping[str, Sequence[str]]) -> str:
+    """One line for ``--dry-run``: each source that is used, in order."""
+    parts = [f"{where} [{', '.join(names)}]" for where, names in sources.items() if names]
+    return " then ".join(parts) + (" (a later source wins on a shared key)" if len(parts) > 1 else "") or "none"
+
+
 def image_requirements(exp: Experiment) -> list[str]:
-    """What the Modal image installs, in one resolve: the recipe's own requirements and the GPU set
-    of ``image.engine`` (exactly ``pip install -e ".[gpu]"`` / ``".[gpu-vllm]"``)."""
-    return [*read_requirements(CORE_REQUIREMENTS), *read_requirements(exp.gpu_requirements)]
+    """What the Modal image installs, in one resolve: pyproject's ``dependencies`` and the GPU extra of
+    ``image.engine`` (exactly ``pip install -e ".[gpu]"`` / ``".[gpu-vllm]"``)."""
+    return [*read_requirements(), *read_requirements(exp.gpu_extra)]
 
 
-def read_requirements(path: Path) -> list[str]:
-    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
-    return [line for line in lines if line]
+def read_requirements(extra: str | None = None, pyproject: Path = PYPROJECT) -> list[str]:
+    """pyproject's ``[project] dependencies`` (``extra`` None) or one of its optional-dependencies extras."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the dev and modal extras install tomli
+        import tomli as tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    if extra is None:
+        return list(project["dependencies"])
+    extras = project.get("optional-dependencies", {})
+    if extra not in extras:
+        raise KeyError(f"{pyproject}: no extra '{extra}' (extras: {', '.join(extras)})")
+    return list(extras[extra])
 
 
 def smoke_experiment(exp: Experiment) -> Experiment:
@@ -571,6 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: the cloud run would be refused at launch:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     print(f"experiment {exp.experimenter}/{exp.experiment}; volumes {volume_names(exp)}")
+    env_keys = list(load_env(ENV_FILE))  # the keys only: no value is ever printed
+    print(f"secrets: {describe_sources(secret_sources(exp, env_keys))}")
+    sandbox = sandbox_secret_sources(exp, env_keys)
+    print(f"sandbox secrets: {describe_sources(sandbox)}"
+          + ("" if any(sandbox.values()) else f" (the deployed sandbox refuses to serve without {SANDBOX_TOKEN_ENV})"))
     for name, item in plan(exp).items():
         res = {k: v for k, v in item.items() if k != "commands"}
         print(f"\n[{name}] {json.dumps(res)}")

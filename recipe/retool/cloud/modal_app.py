@@ -46,15 +46,16 @@ models_volume = modal.Volume.from_name(VOLUME_NAMES["models"], create_if_missing
 checkpoints_volume = modal.Volume.from_name(VOLUME_NAMES["checkpoints"], create_if_missing=True)
 VOLUMES = {launcher.DATA_DIR: data_volume, launcher.MODELS_DIR: models_volume, launcher.CKPT_DIR: checkpoints_volume}
 
-# Secrets come from a local .env (never from the image, never printed); in the container the
-# same values arrive as environment variables.
-_SECRETS = launcher.load_env(REPO / ".env") if modal.is_local() else {}
-SECRETS = [modal.Secret.from_dict(_SECRETS)]
+# Secrets come from Modal's secret store (`secrets:` in the experiment config: the same names in the
+# container, where this file is imported again) and then from a local .env (read only locally; never
+# in the image, never printed), which wins on a key both set. In the container they are environment variables.
+_SECRETS = launcher.load_env(launcher.ENV_FILE) if modal.is_local() else {}
+SECRETS = launcher.modal_secrets(EXP.secrets, _SECRETS)
 
 _image = (
     modal.Image.from_registry(EXP.image.base, add_python=EXP.image.python)
     .apt_install("git", "build-essential", "curl", "libnuma1")  # libnuma: sglang-kernel links libnuma.so.1
-    # recipe/retool/requirements.txt + the engine's GPU set, one resolve: `pip install -e ".[gpu]"`
+    # pyproject's dependencies + the engine's GPU extra, one resolve: `pip install -e ".[gpu]"`
     .pip_install(*launcher.image_requirements(EXP))
 )
 if EXP.image.flash_attn_wheel:

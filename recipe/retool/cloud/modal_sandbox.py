@@ -7,9 +7,10 @@ Serves the same FastAPI app as ``python -m recipe.retool.sandbox serve``. Traini
 find its URL through ``modal.Function.from_name`` unless the experiment config sets ``sandbox.url``.
 
 The endpoint is public: anyone with its URL could run code on the account. So it requires a bearer
-token, ``RETOOL_SANDBOX_TOKEN`` from the local ``.env`` (sent as a Modal secret, like the other
-keys); the container refuses to serve without one. The GRPO tool and the evaluation harness read
-the same variable, which the training and evaluation functions receive through the same secret.
+token, ``RETOOL_SANDBOX_TOKEN``, from a Modal secret named in the experiment config's
+``sandbox.secrets`` and/or the local ``.env`` (which wins when both set it); the container refuses
+to serve without one. The GRPO tool and the evaluation harness read the same variable, which the
+training and evaluation functions receive through their own secrets (``secrets:`` and ``.env``).
 
 Modal runs containers under gVisor: the server checks at start-up which isolation mechanisms exist
 there and refuses to serve without them unless ``sandbox.allow_unsafe: true`` (logged loudly).
@@ -29,11 +30,14 @@ logger = logging.getLogger(__name__)
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
 S = EXP.sandbox
 
-# only the token travels to the sandbox container: it has no use for the other keys
-_TOKEN = launcher.load_env(launcher.REPO_ROOT / ".env").get(launcher.SANDBOX_TOKEN_ENV) if modal.is_local() else None
-if modal.is_local() and not _TOKEN:
-    logger.warning("%s is not set in .env: the deployed sandbox will refuse to serve", launcher.SANDBOX_TOKEN_ENV)
-SECRETS = [modal.Secret.from_dict({launcher.SANDBOX_TOKEN_ENV: _TOKEN} if _TOKEN else {})]
+# Only the token travels to the sandbox container (it has no use for the other keys): from the named
+# secrets of Modal's store in `sandbox.secrets` (keep them to a secret that holds only the token), then
+# from the local .env, which wins when both set it
+_TOKEN = launcher.load_env(launcher.ENV_FILE).get(launcher.SANDBOX_TOKEN_ENV) if modal.is_local() else None
+if modal.is_local() and not _TOKEN and not S.secrets:
+    logger.warning("%s is neither in .env nor in a Modal secret named in sandbox.secrets: the deployed sandbox "
+                   "will refuse to serve", launcher.SANDBOX_TOKEN_ENV)
+SECRETS = launcher.modal_secrets(S.secrets, {launcher.SANDBOX_TOKEN_ENV: _TOKEN} if _TOKEN else {})
 
 app = modal.App(S.app_name)
 
@@ -56,7 +60,8 @@ def create_sandbox_app(environ: dict[str, str] | None = None):
     token = environ.get(launcher.SANDBOX_TOKEN_ENV)
     if not token:
         raise RuntimeError(f"refusing to serve a public sandbox endpoint without a bearer token: set "
-                           f"{launcher.SANDBOX_TOKEN_ENV} in .env and redeploy")
+                           f"{launcher.SANDBOX_TOKEN_ENV} in .env or in a Modal secret named in sandbox.secrets, "
+                           "and redeploy")
     return create_app(SandboxConfig(workers=S.workers, allow_unsafe=S.allow_unsafe), token=token)
 
 
