@@ -62,11 +62,12 @@ CANDIDATES = {"packed": lambda device: PACKED, "fused": _fused}
 
 def sft_losses(model: Path, data_dir: Path, out: Path, name: str, config: Path, steps: int,
                extra: list[str], timeout: float = 3600) -> dict[int, float]:
-    """Per-step training losses of one run of verl's SFT trainer (its console log)."""
-    from recipe.retool.dev.miniature import parse_step_metrics
+    """Per-step training losses of one run of verl's SFT trainer (from its metrics file)."""
+    from recipe.retool.metrics import read_metrics
+    from recipe.retool.stages import run_dir, train_command
 
-    cmd = [sys.executable, "-m", "recipe.retool.train", "sft", str(model), str(data_dir), str(out / name), name,
-           "--config", str(config), f"trainer.total_training_steps={steps}", *extra]
+    cmd = train_command("sft", str(model), data_dir, out / name, name, str(config),
+                        [f"trainer.total_training_steps={steps}", *extra], python=sys.executable)
     log = out / f"{name}.log"
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
@@ -74,9 +75,10 @@ def sft_losses(model: Path, data_dir: Path, out: Path, name: str, config: Path, 
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: verl's SFT trainer exited {proc.returncode}; last lines of {log}:\n"
                            + "\n".join(text.splitlines()[-25:]))
-    losses = {step: m["train/loss"] for step, m in parse_step_metrics(text).items() if "train/loss" in m}
+    metrics = read_metrics(run_dir(out / name, "sft", name))
+    losses = {step: m["train/loss"] for step, m in metrics.items() if "train/loss" in m}
     if sorted(losses) != list(range(1, steps + 1)):
-        raise RuntimeError(f"{name}: expected losses for steps 1..{steps} in {log}, found {len(losses)}")
+        raise RuntimeError(f"{name}: expected losses for steps 1..{steps} in its metrics file, found {len(losses)}")
     return losses
 
 

@@ -77,3 +77,16 @@ def tiny_model_dir(tmp_path_factory, dev_tokenizer) -> Path:
     from recipe.retool.dev.tokenizer import save_tiny_qwen2
 
     return save_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), dev_tokenizer)
+
+
+# tests that start a sandbox server: it puts each request in its own cgroup, which needs root
+# (`-m "not root"` leaves them out); the end-to-end runs start one too
+_ROOT_FIXTURES = {"sandbox_server", "token_server"}
+_ROOT_FILES = {"test_miniature.py", "test_mini_grpo.py", "test_pipeline.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath))
+        if "sandbox" in path.parent.name or path.name in _ROOT_FILES or _ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.root)

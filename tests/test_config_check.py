@@ -140,7 +140,7 @@ def configured_loggers(data_dir: Path, tiny_model_dir: Path) -> set[str]:
             return [s for child in node for s in strings(child)]
         return [node] if isinstance(node, str) else []
 
-    for path in (REPO / "config" / "modal").glob("*.yaml"):  # the launcher's per-stage verl overrides
+    for path in (REPO / "config" / "experiments").glob("*.yaml"):  # the launcher's per-stage verl overrides
         for item in strings(yaml.safe_load(path.read_text())):
             if item.lstrip("+").startswith("trainer.logger="):
                 names |= set(OverridesParser.create().parse_overrides([item])[0].value())
@@ -152,13 +152,17 @@ def test_every_configured_logger_imports_and_is_a_requirement(data_dir, tiny_mod
 
     loggers = configured_loggers(data_dir, tiny_model_dir)
     assert {"console", "swanlab"} <= loggers  # the GRPO template's
-    requirements = (PACKAGE_DIR / "requirements.txt").read_text().split()
+    import re
+
+    from recipe.retool.cloud.launcher import read_requirements
+
+    requirements = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in read_requirements()}  # pyproject's dependencies
     for name in loggers | {"wandb"}:  # wandb: the README's documented alternative
         module = LOGGER_MODULES[name]
         if module:
             importlib.import_module(module)
-            # installed by every install (setup.py's install_requires) and by the Modal image
-            assert module in requirements, f"{module} (trainer.logger {name}) is not in recipe/retool/requirements.txt"
+            # installed by every install (pyproject's dependencies) and by the Modal image
+            assert module in requirements, f"{module} (trainer.logger {name}) is not in pyproject.toml's dependencies"
 
 
 def test_loggers_start_without_keys_through_verls_tracking(data_dir, tiny_model_dir, tmp_path):

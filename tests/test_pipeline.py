@@ -1,47 +1,50 @@
-"""recipe.retool.pipeline --full: the real-scale path on CPU with the bundled samples (GPU stages skipped)."""
+"""recipe.retool.pipeline: the production pipeline on one node, run here on the bundled samples (the GPU
+stages skipped, with their commands), and its commands the same as the cloud plan's."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 
+from recipe.retool.cloud import launcher
+from recipe.retool.experiment import Layout, commands, load_experiment
 from recipe.retool.pipeline import main
 
 
-def test_pipeline_runs_every_cpu_stage_and_writes_a_report(tmp_path, monkeypatch, capsys):
+def test_every_cpu_stage_runs_and_the_gpu_stages_show_their_commands(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr("recipe.retool.pipeline.gpu_count", lambda: 0)  # as on CI, whatever the host has
-    assert main(["--full", "--sample", "--out", str(tmp_path)]) == 0
-    stages = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())}
-    assert [stages[s]["status"] for s in ("data", "prefilter", "sandbox", "sft", "grpo", "eval")] == [
-        "done", "done", "done", "skipped", "skipped", "skipped"]
-    assert "torch.distributed.run" in stages["sft"]["detail"] and "verl.trainer.main_ppo" in stages["grpo"]["detail"]
-    assert "needs a CUDA GPU" in stages["sft"]["detail"]
-    # the printed GPU commands: SFT from the base model, GRPO from the SFT output, with a sandbox URL
+    args = ["--out", str(tmp_path), "data.sample=true", f"model={tiny_model_dir}", "eval.models=[base,grpo]"]
+    assert main(args) == 0
+    stages = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())["stages"]}
+    assert [stages[s]["status"] for s in ("data", "prefilter", "sandbox", "sft", "merge sft", "grpo", "merge grpo",
+                                          "eval base", "eval grpo")] == [
+        "done", "done", "done", "skipped", "skipped", "skipped", "skipped", "skipped", "skipped"]
+    # the commands a GPU node runs: SFT from the base model, GRPO from SFT's run, a sandbox for GRPO
     sft_cmd = stages["sft"]["detail"].split("```\n")[1].strip()
-    assert sft_cmd.startswith("python -m recipe.retool.train sft Qwen/Qwen2.5-7B-Instruct ")
+    assert sft_cmd.startswith(f"{__import__('sys').executable} -m recipe.retool.train sft {tiny_model_dir} ")
     grpo_lines = stages["grpo"]["detail"].split("```\n")[1].strip().splitlines()
-    sft_out = tmp_path / "checkpoints" / "sft-experiments" / "demo-sft"
-    assert grpo_lines[0] == "python -m recipe.retool.sandbox serve --port 8080 &"
-    assert grpo_lines[1].startswith(f"RETOOL_SANDBOX_URL=http://127.0.0.1:8080 python -m recipe.retool.train grpo {sft_out} ")
-    # ... and they say the data was filtered with the stand-in tokenizer
-    for stage in ("prefilter", "sft", "grpo"):
-        assert "offline stand-in tokenizer" in stages[stage]["detail"], stage
-    assert "--tokenizer Qwen/Qwen2.5-7B-Instruct" in stages["grpo"]["detail"]
-    console = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert len(console) == 6 and not [line for line in console if line.rstrip().endswith(":")], console
+    assert grpo_lines[0].endswith("-m recipe.retool.sandbox serve --port 8080 &")
+    assert "RETOOL_SANDBOX_URL=" in grpo_lines[1] and f"{tmp_path}/checkpoints/sft-experiments/" in grpo_lines[1]
+    assert "recipe.retool.evaluate" in stages["eval grpo"]["detail"] and "sglang.launch_server" in stages["eval grpo"]["detail"]
     for name in ("sft/train.parquet", "rl/train.parquet", "rl/aime24.parquet"):
         assert len(pd.read_parquet(tmp_path / "data" / name)) > 0
-    report = (tmp_path / "report.md").read_text()
-    assert "| sandbox | done |" in report and "| sft | skipped |" in report
-    # a rerun resumes: the prepared data is reused, not rebuilt
-    before = (tmp_path / "data_raw" / "rl" / "train.parquet").stat().st_mtime_ns
-    assert main(["--full", "--sample", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "data_raw" / "rl" / "train.parquet").stat().st_mtime_ns == before
-    assert "(cached)" in (tmp_path / "report.md").read_text()
-    # another tokenizer filters again instead of reusing data filtered with the stand-in
-    tokenizer = shutil.copytree(tmp_path / "dev_tokenizer", tmp_path / "another_tokenizer")
-    assert main(["--full", "--sample", "--out", str(tmp_path), "--tokenizer", str(tokenizer)]) == 0
-    stages = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())}
-    assert "(cached)" not in str(stages["prefilter"]["figures"]) and "stand-in" not in stages["grpo"]["detail"]
+    console = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[") and " in " in line]
+    assert len(console) == 9, console
+    # a rerun resumes: the data and the prefiltered files are kept
+    before = (tmp_path / "data" / "rl" / "train.parquet").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (tmp_path / "data" / "rl" / "train.parquet").stat().st_mtime_ns == before
+    assert "done earlier" in (tmp_path / "report.md").read_text()
+    # another budget prefilters again
+    assert main([*args, "grpo.overrides=[data.max_prompt_length=300]"]) == 0
+    assert "done earlier" not in str(json.loads((tmp_path / "report.json").read_text())["stages"][1]["figures"])
+
+
+def test_the_pipeline_and_the_cloud_plan_run_the_same_commands():
+    exp = load_experiment(None)
+    local = commands(exp, Layout(data=launcher.DATA_DIR, checkpoints=launcher.CKPT_DIR, models=launcher.MODELS_DIR))
+    plan = launcher.plan(exp)
+    assert plan["prep_dataset"]["commands"] == [local["data"], *local["prefilter"]]
+    assert plan["train"]["commands"] == [local["sft"]] and plan["train_grpo"]["commands"] == [local["grpo"]]
+    assert plan["evaluate"]["commands"][1][:4] == local["eval"]("x", "y")[:4]

@@ -115,7 +115,7 @@ def test_the_planned_sft_prefilter_keeps_a_trace_sft_at_16k_accepts(tmp_path, de
     a trace with a 6,000-token response is kept, one past 16k is dropped."""
     from recipe.retool.cloud import launcher
 
-    exp = launcher.load_experiment(launcher.REPO_ROOT / "config" / "modal" / "default.yaml", environ={})
+    exp = launcher.load_experiment(launcher.REPO_ROOT / "config" / "experiments" / "default.yaml", environ={})
     planned = next(c for c in launcher.prep_commands(exp) if "recipe.retool.prefilter_dataset" in c
                    and c[c.index("--input") + 1].endswith("sft/train.parquet"))
     src = tmp_path / "sft.parquet"

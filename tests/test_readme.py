@@ -1,5 +1,6 @@
-"""README.md and docs/ against the code: every command they name exists and answers --help, and the
-list of verl internals we patch is complete and true (CI's check of the documentation)."""
+"""README.md and the guides against the code: every command they name exists and answers --help, and
+the list of verl internals we patch (docs/verl_patches.md) is complete and true (CI's check of the
+documentation)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-DOCS = {p.relative_to(REPO).as_posix(): p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")]}
+DOCS = {p.relative_to(REPO).as_posix(): p.read_text()
+        for p in [REPO / "README.md", REPO / "recipe/retool/sandbox/README.md", *(REPO / "docs").glob("*.md")]}
+PATCHES = (REPO / "docs" / "verl_patches.md").read_text()
 
 
 def _found(pattern: str) -> list[str]:
@@ -24,12 +27,13 @@ def _found(pattern: str) -> list[str]:
 MODULES = _found(r"python -m (recipe\.retool(?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
 
 
-def test_the_readme_names_a_module_for_every_pipeline_stage():
-    table = README.split("## Pipeline", 1)[1].split("###", 1)[0]
-    rows = [line.split("|") for line in table.splitlines() if re.match(r"\| \d ", line)]
-    assert [r[2].strip() for r in rows] == ["data", "prefilter", "SFT", "GRPO", "evaluate", "sandbox", "cloud"]
-    for row in rows:
-        assert re.search(r"`python -m recipe\.retool\.\w+`", row[3]), row
+def test_the_readme_names_a_module_for_every_stage_and_links_existing_guides():
+    for stage in ("data", "prefilter_dataset", "train", "evaluate", "sandbox", "pipeline", "dev.miniature",
+                  "cloud.launcher"):
+        assert f"python -m recipe.retool.{stage}" in README, stage
+    links = re.findall(r"\]\(([^)#]+\.md)", README)
+    assert len(links) >= 5 and not [link for link in links if not (REPO / link).is_file()], links
+    assert len(README.splitlines()) <= 170  # a guide's front page; the details are in docs/
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -59,8 +63,7 @@ def test_every_documented_modal_function_exists():
 
 
 def _patch_table() -> list[dict[str, str]]:
-    section = README.split("## verl internals we patch", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in PATCHES.splitlines()
             if line.startswith("| `")]
     return [{"module": r[0].strip("`"), "attribute": re.search(r"`(verl\.[\w.]+)`", r[1]).group(1), "test": r[4].strip("`")}
             for r in rows]
@@ -115,4 +118,4 @@ def test_the_list_of_patched_verl_internals_is_complete():
     patched = {(path.relative_to(REPO).as_posix(), attr)
                for path in (REPO / "recipe").rglob("*.py") for attr in _assigned_verl_attributes(path)}
     assert patched, "the scan found nothing: it is broken"
-    assert patched <= listed, f"verl internals patched but not listed in the README: {sorted(patched - listed)}"
+    assert patched <= listed, f"verl internals patched but not listed in docs/verl_patches.md: {sorted(patched - listed)}"

@@ -1,23 +1,23 @@
-"""The whole ReTool pipeline on one machine, ending in a report card.
+"""The production pipeline on one GPU node: every stage in order, from the datasets to AIME24 pass@k.
 
-    python -m recipe.retool.pipeline                          # the miniature: trains and evaluates, CPU is enough
-    python -m recipe.retool.pipeline --seed 1 --device gpu    # the miniature, another seed, on one GPU (untried)
-    python -m recipe.retool.pipeline --full --tokenizer Qwen/Qwen2.5-7B-Instruct   # the real datasets
-    python -m recipe.retool.pipeline --full --sample          # the real-scale path on the bundled samples
+    python -m recipe.retool.pipeline                                    # Qwen2.5-7B-Instruct on this node's GPUs
+    python -m recipe.retool.pipeline --config config/experiments/smoke.yaml
+    python -m recipe.retool.pipeline --dry-run gpus=4 grpo.overrides=[trainer.total_training_steps=10]
+    scripts/speedrun.sh                                                 # the same, logged, from a fresh checkout
 
-Without ``--full`` this runs **ReTool in miniature** (:mod:`recipe.retool.dev.miniature`): a
-seeded arithmetic task where the interpreter is necessary, a small random-init model, and every
-stage for real — data, prefilter, sandbox, verl's SFT trainer, verl's GRPO loop with our tool and
-reward (and a text-only ablation), and evaluation through ``evaluate_model.sh`` against a served
-checkpoint — ending in a report card that shows whether the recipe learned (default output
-``outputs/mini``; about half an hour on two CPU cores, in fp32 whatever the CPU: see docs/miniature.md).
+Stages: data → prefilter → sandbox (started here, smoke-tested) → SFT → merge → GRPO → merge →
+evaluate (for each of ``eval.models``: the model served by ``eval.server`` — SGLang or vLLM — on
+this node, then ``recipe.retool.evaluate`` against it and the sandbox). The settings are the
+experiment config the Modal launcher reads (``config/experiments/default.yaml``; ``key=value``
+overrides), and the commands are the ones the Modal functions run (:mod:`recipe.retool.stages`
+builds both), with this node's directories in place of the volumes.
 
-With ``--full``: data → prefilter → sandbox (started locally, smoke-tested) → SFT → GRPO →
-evaluation at real scale. SFT and GRPO need GPUs (GRPO also SGLang): without them they are
-*skipped*, not faked, and the report shows the exact command a GPU machine would run. Evaluation
-needs a model server (``--base-url``/``--model``); without one it is skipped likewise. Everything
-lands under ``--out`` (default ``outputs/demo``), and ``report.md`` there summarises each stage.
-Reruns resume: finished data files are kept.
+Without a CUDA GPU, the stages that need one (SFT, GRPO, evaluation) are *skipped*, not faked: the
+report shows the exact commands a GPU node runs. A rerun resumes: data files and prefiltered files
+are kept, verl resumes training from the latest checkpoint, merged models are reused, and the
+evaluation resumes its samples. Everything lands under ``--out`` (default ``outputs/run``) with
+``report.md``. For the miniature that shows the recipe *learning* on a CPU, see
+``python -m recipe.retool.dev.miniature``.
 """
 
 from __future__ import annotations
@@ -25,42 +25,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipe.retool import PACKAGE_DIR
-from recipe.retool.data import DEFAULT_SOURCES, SAMPLE_SOURCES, prepare_all
-from recipe.retool.processes import LocalSandbox
-
-logger = logging.getLogger(__name__)
+from recipe.retool.experiment import ConfigError, Experiment, Layout, commands, load_experiment
+from recipe.retool.processes import LocalSandbox, stop_process, wait_until_healthy
+from recipe.retool.stages import Runner, Stage, run_logged, say, server_ready_url, tail, write_report
 
 SMOKE_SNIPPETS = [
     ("print(1 + 1)", "2"),
     ("import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 5*x + 6, x))", "[2, 3]"),
     ("import numpy as np\nprint(int(np.arange(101).sum()))", "5050"),
 ]
-
-
-@dataclass
-class StageResult:
-    name: str
-    status: str  # done | skipped | failed
-    detail: str = ""
-    figures: dict[str, object] = field(default_factory=dict)
-
-    def headline(self) -> str:
-        """The console line: the detail's first line, complete on its own."""
-        lines = self.detail.strip().splitlines()
-        first = lines[0].rstrip(" :") if lines else ""
-        more = " (more in report.md)" if len(lines) > 1 and "report" not in first else ""
-        return f"[{self.name}] {self.status}" + (f": {first}{more}" if first else "")
+SANDBOX_PORT = 8080  # where the printed commands of a skipped run start a sandbox
 
 
 def gpu_count() -> int:
@@ -72,201 +53,182 @@ def gpu_count() -> int:
         return 0
 
 
-def stage_data(out: Path, hub: bool) -> tuple[StageResult, dict[str, Path]]:
-    sources = DEFAULT_SOURCES if hub else SAMPLE_SOURCES
-    outputs = prepare_all(out / "data_raw", sources)
-    import pandas as pd
+class Pipeline:
+    def __init__(self, exp: Experiment, out: Path, gpus: int):
+        self.exp, self.out, self.gpus = exp, out, gpus
+        self.layout = Layout(data=str(out / "data"), checkpoints=str(out / "checkpoints"), models=None)
+        self.cmds = commands(exp, self.layout, python=sys.executable)
+        self.sandbox: LocalSandbox | None = None
+        self.sandbox_url = exp.sandbox.url or ""
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    figures = {name: len(pd.read_parquet(path)) for name, path in outputs.items()}
-    return StageResult("data", "done", f"{'hub datasets' if hub else 'bundled samples'} → {out / 'data_raw'}",
-                       figures), outputs
+    def logged(self, name: str, cmds: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> Stage:
+        """Run ``cmds`` in order, each logged to ``logs/NAME[.i].log``; the first failure fails the stage."""
+        for i, cmd in enumerate(cmds):
+            log = self.out / "logs" / (f"{name}.log" if len(cmds) == 1 else f"{name}.{i + 1}.log")
+            rc = run_logged(cmd, log, {**self.env, **(env or {})}, on_line=lambda line: print(line, end="", flush=True))
+            if rc != 0:
+                return Stage(name, "failed", f"exit {rc}: {shlex.join(cmd)}\n{tail(log)}")
+        return Stage(name, "done", "\n".join(shlex.join(c) for c in cmds))
 
+    def skipped(self, name: str, cmds: Sequence[Sequence[str]], need: str, env: dict[str, str] | None = None) -> Stage:
+        prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        lines = [f"{prefix} {shlex.join(c)}".strip() for c in cmds]
+        return Stage(name, "skipped", f"needs {need}; a GPU node runs:\n\n```\n" + "\n".join(lines) + "\n```")
 
-def stage_prefilter(out: Path, raw: dict[str, Path], tokenizer: str, stand_in: bool = False) -> StageResult:
-    from recipe.retool.prefilter_dataset import prefilter
-
-    figures = {}
-    record = out / "data" / "prefilter.json"  # which tokenizer filtered the cached files
-    same_tokenizer = record.exists() and json.loads(record.read_text()).get("tokenizer") == tokenizer
-    for name, src in raw.items():
-        dst = out / "data" / src.relative_to(out / "data_raw")
-        if same_tokenizer and dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+    # --- stages
+    def data(self) -> Stage:
+        st = self.logged("data", [self.cmds["data"]])
+        if st.status == "done":
             import pandas as pd
 
-            figures[name] = f"{len(pd.read_parquet(dst))} kept (cached)"
-            continue
-        res = prefilter(src, dst, tokenizer, progress=False)
-        figures[name] = f"{res.kept} kept, {res.dropped} dropped, prompt p50 {int(sorted(res.prompt_lengths)[len(res.prompt_lengths) // 2])} tok"
-    record.write_text(json.dumps({"tokenizer": tokenizer, "stand_in": stand_in}))
-    which = f"the offline stand-in tokenizer ({tokenizer})" if stand_in else f"tokenizer {tokenizer}"
-    return StageResult("prefilter", "done", f"{which} → {out / 'data'}", figures)
+            st.figures = {rel: len(pd.read_parquet(Path(self.layout.raw) / rel)) for rel in self.cmds["data_files"]}
+        return st
 
+    def prefilter(self) -> Stage:
+        import pandas as pd
 
-def stage_sandbox(sandbox: LocalSandbox) -> StageResult:
-    from recipe.retool.sandbox.client import SandboxClient
+        todo, figures = [], {}
+        record = Path(self.layout.data) / "prefilter.json"  # the commands (tokenizer, budgets) that made the files
+        done_before = json.loads(record.read_text()) if record.exists() else {}
+        for rel, cmd in zip(self.cmds["data_files"], self.cmds["prefilter"], strict=True):
+            src, dst = Path(self.layout.raw) / rel, Path(self.layout.data) / rel
+            if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and done_before.get(rel) == cmd:
+                figures[rel] = f"{len(pd.read_parquet(dst))} kept (done earlier)"
+            else:
+                todo.append(cmd)
+        st = self.logged("prefilter", todo) if todo else Stage("prefilter", "done")
+        if st.status == "done":
+            record.write_text(json.dumps(dict(zip(self.cmds["data_files"], self.cmds["prefilter"], strict=True))))
+            figures.update({rel: f"{len(pd.read_parquet(Path(self.layout.data) / rel))} kept"
+                            for rel in self.cmds["data_files"] if rel not in figures})
+            st.figures = figures
+        return st
 
-    async def smoke():
-        client = SandboxClient(sandbox.url)
+    def start_sandbox(self) -> Stage:
+        if self.exp.sandbox.url:
+            return Stage("sandbox", "done", f"the experiment's sandbox at {self.exp.sandbox.url}")
+        from recipe.retool.sandbox.client import SandboxClient
+
+        self.sandbox = LocalSandbox(workers=self.exp.sandbox.workers).wait()
+        self.sandbox_url = self.sandbox.url
+
+        async def smoke():
+            client = SandboxClient(self.sandbox_url)
+            try:
+                return [await client.run_code(code) for code, _ in SMOKE_SNIPPETS]
+            finally:
+                await client.aclose()
+
+        results = asyncio.run(smoke())
+        bad = [code for (code, want), r in zip(SMOKE_SNIPPETS, results, strict=True) if r.stdout.strip() != want]
+        if bad:
+            return Stage("sandbox", "failed", f"wrong output for: {bad}")
+        return Stage("sandbox", "done", f"local server at {self.sandbox_url}",
+                     {"smoke runs": len(results), "slowest": f"{max(r.latency_s for r in results) * 1000:.0f} ms"})
+
+    def train(self, stage: str) -> Stage:
+        cmd = self.cmds[stage]
+        env = {"RETOOL_SANDBOX_URL": self.sandbox_url or f"http://127.0.0.1:{SANDBOX_PORT}"} if stage == "grpo" else None
+        if not self.gpus:
+            sandbox = ([["python", "-m", "recipe.retool.sandbox", "serve", "--port", str(SANDBOX_PORT), "&"]]
+                       if stage == "grpo" else [])
+            return self.skipped(stage, [*sandbox, cmd], "a CUDA GPU", env)
+        return self.logged(stage, [cmd], env)
+
+    def merge(self, stage: str) -> Stage:
+        from recipe.retool.train import CheckpointError, resolve_model
+
+        name = f"merge {stage}"
+        root = self.cmds[f"{stage}_root"]
         try:
-            return [await client.run_code(code) for code, _ in SMOKE_SNIPPETS]
+            resolved = resolve_model(root)
+        except CheckpointError as err:
+            if not self.gpus:
+                return Stage(name, "skipped", f"no {stage} checkpoint on this machine ({err})")
+            raise
+        if resolved.merge_from is None or Path(resolved.path, "config.json").exists():
+            return Stage(name, "done", resolved.path, {"model": resolved.path})
+        st = self.logged(name.replace(" ", "_"), [self.cmds["merge"](resolved.merge_from, resolved.path)])
+        st.figures = {"model": resolved.path}
+        return st
+
+    def evaluate(self, label: str) -> Stage:
+        name = f"eval {label}"
+        if label not in ("base", "sft", "grpo"):
+            return Stage(name, "failed", f"eval.models names '{label}': expected base, sft or grpo")
+        model = self.exp.model if label == "base" else self.cmds[f"{label}_root"]
+        output = f"{self.layout.eval_dir}/{label}.json"
+        if not self.gpus:
+            serve = self.cmds["serve"](f"<{label} model>", self.gpus or self.exp.gpus)
+            return self.skipped(name, [serve, self.cmds["eval"](output, self.sandbox_url or "SANDBOX_URL")],
+                                "a CUDA GPU")
+        from recipe.retool.train import resolve_model
+
+        path = resolve_model(model).path
+        log = self.out / "logs" / f"serve_{label}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as fh:
+            server = subprocess.Popen(self.cmds["serve"](path, self.gpus), stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+        try:
+            wait_until_healthy(server_ready_url(self.exp.eval.port), self.exp.eval.server_start_timeout, server,
+                               f"model server ({self.exp.eval.server.value}, log {log})", interval=2)
+            st = self.logged(f"eval_{label}", [self.cmds["eval"](output, self.sandbox_url)])
         finally:
-            await client.aclose()
+            stop_process(server, grace=60)
+        if st.status == "done":
+            summary = json.loads(Path(output).read_text())
+            st = Stage(name, "done", output, {**summary["pass_at_k"], "tool calls / answer": summary["mean_tool_calls"]})
+        return st
 
-    sandbox.wait()
-    results = asyncio.run(smoke())
-    bad = [code for (code, want), r in zip(SMOKE_SNIPPETS, results, strict=True) if r.stdout.strip() != want]
-    figures = {f"run {i + 1} latency": f"{r.latency_s * 1000:.0f} ms" for i, r in enumerate(results)}
-    if bad:
-        return StageResult("sandbox", "failed", f"wrong output for: {bad}", figures)
-    return StageResult("sandbox", "done", f"local server at {sandbox.url}, {len(results)} smoke runs correct", figures)
-
-
-SANDBOX_PORT = 8080  # the port the printed GPU commands start a sandbox on
-
-
-def _launched(verl_command: str) -> str:
-    """The head of the verl command train.py launches, up to the module (``torchrun … -m verl.…``)."""
-    words = shlex.split(verl_command)
-    return shlex.join(words[: words.index("-m") + 2]) + " …" if "-m" in words else verl_command
-
-
-def stage_train(stage: str, model: str, data_dir: Path, out: Path, gpus: int, sandbox_url: str,
-                base_model: str, data_note: str = "") -> StageResult:
-    """SFT or GRPO through ``recipe.retool.train``: its config checked with ``--dry-run``, then run
-    when the machine can; otherwise skipped, with the exact commands a GPU machine would run.
-
-    GRPO's ``model`` is the SFT output; when SFT has not run (no GPU) the config is checked with
-    ``base_model`` in its place, and the printed command still trains from the SFT output."""
-    args = [stage, model, str(data_dir), str(out / "checkpoints"), f"demo-{stage}"]
-    if gpus:
-        args.append(f"trainer.n_gpus_per_node={gpus}")
-    check_args = [stage, base_model, *args[2:]] if stage == "grpo" and not Path(model).exists() else args
-    dry = subprocess.run([sys.executable, "-m", "recipe.retool.train", *check_args, "--dry-run"],
-                         capture_output=True, text=True)
-    if dry.returncode != 0:
-        return StageResult(stage, "failed", f"config does not pass train.py's check: {dry.stderr.strip()[-500:]}")
-    launched = _launched(dry.stdout.split("# command\n")[-1].strip())
-    missing = []
-    if not gpus:
-        missing.append("a CUDA GPU")
-    if stage == "grpo":
-        import importlib.util
-
-        if importlib.util.find_spec("sglang") is None:
-            missing.append("SGLang (pip install -e '.[gpu]')")
-    if missing:
-        lines = ["python -m recipe.retool.train " + shlex.join(args)]
-        if stage == "grpo":  # our code tool calls a sandbox: start one, and tell the trainer where it is
-            lines = [f"python -m recipe.retool.sandbox serve --port {SANDBOX_PORT} &",
-                     f"RETOOL_SANDBOX_URL=http://127.0.0.1:{SANDBOX_PORT} " + lines[0]]
-        origin = (f"GRPO starts from the SFT output ({model}), which the SFT command writes. "
-                  if stage == "grpo" else "")
-        return StageResult(stage, "skipped", f"needs {' and '.join(missing)}; the commands for a GPU machine are in "
-                           f"the report\n\n```\n" + "\n".join(lines) + f"\n```\n\n{origin}train.py checked the "
-                           f"config (--dry-run) and launches `{launched}`.{data_note}")
-    if stage == "grpo" and not Path(model).exists():
-        return StageResult(stage, "skipped", f"needs the SFT output {model}, which the SFT stage did not write")
-    env = {**os.environ, "RETOOL_SANDBOX_URL": sandbox_url} if stage == "grpo" else None
-    rc = subprocess.call([sys.executable, "-m", "recipe.retool.train", *args], env=env)
-    return StageResult(stage, "done" if rc == 0 else "failed", f"exit code {rc}: `{launched}`{data_note}")
-
-
-def stage_eval(base_url: str | None, model: str | None, data: Path, sandbox_url: str, out: Path,
-               samples: int) -> StageResult:
-    if not base_url or not model:
-        return StageResult("eval", "skipped", "needs a model server: serve a model with vLLM/SGLang and pass "
-                           "--base-url http://HOST:PORT/v1 --model NAME (see README)")
-    from recipe.retool.evaluate import EvalConfig, evaluate
-
-    cfg = EvalConfig(model=model, output=str(out / "eval" / "aime24.json"), base_url=base_url,
-                     sandbox_url=sandbox_url, data=str(data), samples=samples)
-    summary = asyncio.run(evaluate(cfg))
-    return StageResult("eval", "done", f"{cfg.output}", {**summary["pass_at_k"], "mean tool calls":
-                                                         summary["mean_tool_calls"]})
-
-
-def write_report(out: Path, results: list[StageResult], started: float) -> Path:
-    lines = ["# ReTool pipeline report", "", f"Finished in {time.time() - started:.0f}s. Output: `{out}`.", "",
-             "| stage | status | figures |", "|---|---|---|"]
-    for r in results:
-        figures = "; ".join(f"{k}: {v}" for k, v in r.figures.items()) or "—"
-        lines.append(f"| {r.name} | {r.status} | {figures} |")
-    lines.append("")
-    for r in results:
-        lines += [f"## {r.name}: {r.status}", "", r.detail or "—", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str))
-    return path
+    def run(self) -> int:
+        runner = Runner()
+        plan = [("data", self.data), ("prefilter", self.prefilter), ("sandbox", self.start_sandbox),
+                ("sft", lambda: self.train("sft")), ("merge sft", lambda: self.merge("sft")),
+                ("grpo", lambda: self.train("grpo")), ("merge grpo", lambda: self.merge("grpo")),
+                *[(f"eval {m}", lambda m=m: self.evaluate(m)) for m in self.exp.eval.models]]
+        try:
+            for name, fn in plan:
+                runner.run(name, fn)
+        finally:
+            if self.sandbox:
+                self.sandbox.stop()
+        head = [f"Experiment {self.exp.experimenter}/{self.exp.experiment}: {self.exp.model}, "
+                f"{self.gpus or 'no'} GPU(s) here; output `{self.out}`."]
+        report = write_report(self.out, "ReTool pipeline report", runner.stages, head,
+                              {"experiment": self.exp.experiment, "gpus": self.gpus}, None)
+        say(f"\nreport: {report}")
+        return 1 if runner.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m recipe.retool.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output directory (default outputs/mini, or outputs/demo with --full)")
-    p.add_argument("--full", action="store_true", help="the real-scale pipeline on the hub datasets (GPU machine)")
-    mini = p.add_argument_group("miniature (default)")
-    mini.add_argument("--seed", type=int, default=0)
-    mini.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    mini.add_argument("--quick", action="store_true", help="a shortened miniature: same training, a smaller held-out evaluation (32 x 4; for tests)")
-    mini.add_argument("--no-ablation", action="store_true", help="skip the text-only GRPO ablation")
-    full = p.add_argument_group("--full")
-    full.add_argument("--sample", action="store_true",
-                      help="the bundled samples instead of the hub datasets (an offline check of the real-scale path)")
-    full.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="base model for SFT (and eval's model name)")
-    full.add_argument("--tokenizer", default=None, help="for the prefilter (default: offline dev tokenizer)")
-    full.add_argument("--base-url", default=None, help="OpenAI-compatible server to evaluate (optional)")
-    full.add_argument("--eval-samples", type=int, default=4)
+    p.add_argument("--config", default=None, help="experiment config (default config/experiments/default.yaml)")
+    p.add_argument("--out", default="outputs/run", help="output directory (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print every stage's commands; run nothing")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the experiment config")
     args = p.parse_args(argv)
-
-    if not args.full:
-        from recipe.retool.dev.miniature import QUICK, Miniature, MiniSettings
-
-        settings = MiniSettings(seed=args.seed, device=args.device, ablation=not args.no_ablation,
-                                **(QUICK if args.quick else {}))
-        out = Path(args.out or "outputs/mini").resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        return Miniature(out, settings).run()
-
-    args.out = args.out or "outputs/demo"
-    started = time.time()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[StageResult] = []
-
-    def show(r: StageResult) -> None:
-        results.append(r)
-        print(r.headline(), flush=True)
-
-    res, raw = stage_data(out, hub=not args.sample)
-    show(res)
-    tokenizer = args.tokenizer
-    data_note = ""
-    if tokenizer is None:
-        from recipe.retool.dev.tokenizer import save_dev_tokenizer
-
-        tokenizer = str(save_dev_tokenizer(out / "dev_tokenizer"))
-        data_note = (f"\n\nNote: {out / 'data'} was length-filtered with the offline stand-in tokenizer, not "
-                     f"{args.model}'s: before training on it, rerun with `--tokenizer {args.model}` (or run "
-                     f"`python -m recipe.retool.prefilter_dataset` with it).")
-    show(stage_prefilter(out, raw, tokenizer, stand_in=args.tokenizer is None))
-    sandbox = LocalSandbox()
     try:
-        show(stage_sandbox(sandbox))
-        gpus = gpu_count()
-        show(stage_train("sft", args.model, out / "data", out, gpus, sandbox.url, args.model, data_note))
-        sft_out = out / "checkpoints" / "sft-experiments" / "demo-sft"
-        show(stage_train("grpo", str(sft_out), out / "data", out, gpus, sandbox.url, args.model, data_note))
-        show(stage_eval(args.base_url, args.model if args.base_url else None, out / "data" / "rl" / "aime24.parquet",
-                        sandbox.url, out, args.eval_samples))
-    finally:
-        sandbox.stop()
-    report = write_report(out, results, started)
-    print(f"\nreport card: {report}\n")
-    print(report.read_text())
-    print(f"(recipe files: {PACKAGE_DIR}; a rerun resumes; delete {shlex.quote(str(out))} to start over)")
-    return 1 if any(r.status == "failed" for r in results) else 0
+        exp = load_experiment(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    gpus = gpu_count()
+    pipe = Pipeline(exp, out, min(gpus, exp.gpus) if gpus else 0)
+    if args.dry_run:
+        c = pipe.cmds
+        for name, cmds in (("data", [c["data"]]), ("prefilter", c["prefilter"]), ("sft", [c["sft"]]),
+                           ("grpo", [c["grpo"]]),
+                           ("eval", [c["serve"]("<model>", exp.gpus), c["eval"](f"{pipe.layout.eval_dir}/<model>.json",
+                                                                             exp.sandbox.url or "<local sandbox>")])):
+            print(f"[{name}]")
+            for cmd in cmds:
+                print("  $ " + shlex.join(cmd))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    return pipe.run()
 
 
 if __name__ == "__main__":

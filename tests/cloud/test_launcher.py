@@ -89,7 +89,7 @@ def test_volume_names_never_collide():
 
 
 def test_commands_use_the_stage_modules_and_pass_resources_and_overrides():
-    exp = load_experiment(REPO / "config" / "modal" / "default.yaml", ["gpus=4", "sft.overrides=[trainer.total_epochs=1]"],
+    exp = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["gpus=4", "sft.overrides=[trainer.total_epochs=1]"],
                           environ={})
     sft = launcher.sft_command(exp)
     assert sft[:4] == ["python", "-m", "recipe.retool.train", "sft"]
@@ -99,7 +99,7 @@ def test_commands_use_the_stage_modules_and_pass_resources_and_overrides():
     assert launcher.grpo_command(exp, "/vol/models/x")[4] == "/vol/models/x"
     serve = launcher.serve_command(exp, "/m")
     assert serve[:3] == ["python", "-m", "sglang.launch_server"] and serve[serve.index("--tp") + 1] == "4"
-    vllm = load_experiment(REPO / "config" / "modal" / "default.yaml", ["eval.server=vllm"], environ={})
+    vllm = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["eval.server=vllm"], environ={})
     assert launcher.serve_command(vllm, "/m")[:5] == ["python", "-m", "vllm.entrypoints.cli.main", "serve", "/m"]
     prep = launcher.prep_commands(exp)
     assert prep[0][:4] == ["python", "-m", "recipe.retool.data", "all"] and len(prep) == 4
@@ -109,7 +109,7 @@ def test_commands_use_the_stage_modules_and_pass_resources_and_overrides():
 def test_train_commands_compose_for_real(tmp_path, sample_data):
     """The launcher's SFT/GRPO commands are accepted by the train module's dry run, overrides and all
     (with the bundled samples in place of the data volume)."""
-    exp = load_experiment(REPO / "config" / "modal" / "smoke.yaml", environ={})
+    exp = load_experiment(REPO / "config" / "experiments" / "smoke.yaml", environ={})
     data_dir = str(sample_data["rl"].parent.parent)
     for cmd in (launcher.sft_command(exp, str(tmp_path), exp.smoke.sft_overrides),
                 launcher.grpo_command(exp, "Qwen/Qwen2.5-0.5B-Instruct", exp.smoke.grpo_overrides)):
@@ -129,7 +129,7 @@ def _step(root, stage, exp, n, shard=True):
 
 
 def test_checkpoint_info_is_written_before_the_run_and_survives_preemption(tmp_path):
-    exp = load_experiment(REPO / "config" / "modal" / "default.yaml", ["sft.overrides=[trainer.total_epochs=1]"],
+    exp = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["sft.overrides=[trainer.total_epochs=1]"],
                           environ={})
     root = tmp_path / "sft-experiments" / "e"
     first = launcher.run_info(exp, "sft", launcher.sft_command(exp), exp.model)
@@ -139,7 +139,7 @@ def test_checkpoint_info_is_written_before_the_run_and_survives_preemption(tmp_p
     assert json.loads((root / launcher.RUN_INFO).read_text()) == first  # on the volume before training starts
     _step(tmp_path, "sft", "e", 2)
     _step(tmp_path, "sft", "e", 10)  # ... then the container is pre-empted: no stamp after the run
-    second = launcher.run_info(load_experiment(REPO / "config" / "modal" / "default.yaml", ["gpus=4"], environ={}),
+    second = launcher.run_info(load_experiment(REPO / "config" / "experiments" / "default.yaml", ["gpus=4"], environ={}),
                                "sft", launcher.sft_command(exp), exp.model)
     written = launcher.start_run(root, second)  # the rerun first describes the steps the pre-empted run saved
     assert sorted(p.parent.name for p in written) == ["global_step_10", "global_step_2"]
@@ -179,13 +179,13 @@ def test_env_file_secrets_never_reach_commands_or_logs(tmp_path):
     assert launcher.logging_env(secrets) == {"WANDB_MODE": "offline", "SWANLAB_MODE": "local"}
     assert launcher.load_env(tmp_path / "missing.env") == {}
     assert launcher.redact("token hf_secret123 here", secrets) == "token *** here"
-    exp = load_experiment(REPO / "config" / "modal" / "default.yaml", environ={})
+    exp = load_experiment(REPO / "config" / "experiments" / "default.yaml", environ={})
     text = json.dumps(launcher.plan(exp))
     assert "hf_secret123" not in text
 
 
 def test_dry_run_cli_prints_every_function(capsys):
-    assert launcher.main(["--dry-run", "--config", str(REPO / "config" / "modal" / "default.yaml")]) == 0
+    assert launcher.main(["--dry-run", "--config", str(REPO / "config" / "experiments" / "default.yaml")]) == 0
     out = capsys.readouterr().out
     for fn in ("prep_dataset", "download_model", "train", "train_grpo", "evaluate", "pipeline", "list_checkpoints",
                "merge_checkpoint", "check_sandbox_connection", "smoke", "list_models"):
@@ -221,8 +221,8 @@ def test_image_installs_pyprojects_dependencies_with_the_engines_extra():
     install of the package follows): pyproject's dependencies and the extra of image.engine, read from
     the one declaration, so the loggers and verl's extra imports are in it."""
     project = _pyproject()
-    exp = load_experiment(REPO / "config" / "modal" / "default.yaml", environ={})
-    vllm = load_experiment(REPO / "config" / "modal" / "default.yaml", ["image.engine=vllm"], environ={})
+    exp = load_experiment(REPO / "config" / "experiments" / "default.yaml", environ={})
+    vllm = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["image.engine=vllm"], environ={})
     assert (exp.gpu_extra, vllm.gpu_extra) == ("gpu", "gpu-vllm")
     for e in (exp, vllm):
         assert launcher.image_requirements(e) == [*project["dependencies"], *project["optional-dependencies"][e.gpu_extra]]
@@ -269,7 +269,7 @@ def test_dry_run_names_the_secret_sources_never_their_values(tmp_path, monkeypat
     assert "hf_dotenv_value_123" not in out + err and "tok_dotenv_value_456" not in out + err
     assert "WANDB_API_KEY" not in out  # empty in .env: not a source
     monkeypatch.setattr(launcher, "ENV_FILE", tmp_path / "missing.env")
-    assert launcher.main(["--dry-run", "--config", str(REPO / "config" / "modal" / "default.yaml")]) == 0
+    assert launcher.main(["--dry-run", "--config", str(REPO / "config" / "experiments" / "default.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "secrets: none" in lines
     assert "sandbox secrets: none (the deployed sandbox refuses to serve without RETOOL_SANDBOX_TOKEN)" in lines
@@ -440,7 +440,7 @@ def test_a_cloud_run_the_trainer_would_refuse_stops_before_any_image_is_built(tm
     from recipe.retool.cloud.launcher import attention_problems, load_experiment
 
     # the shipped configs run SFT at Ulysses 1 (retool_packed), since their image has no flash-attn
-    for cfg in sorted((REPO / "config" / "modal").glob("*.yaml")):
+    for cfg in sorted((REPO / "config" / "experiments").glob("*.yaml")):
         assert attention_problems(load_experiment(cfg, environ={})) == [], cfg
     # the template's Ulysses 4 without a flash-attn wheel would attend within each rank's slice
     exp = load_experiment(None, ["sft.overrides=[]"])

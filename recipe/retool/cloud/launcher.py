@@ -3,7 +3,7 @@ checkpoint discovery and bookkeeping, secrets (Modal's secret store and ``.env``
 dependencies (pyproject.toml). ``modal_app.py`` is a thin shell around this module, so all of it is
 testable without Modal's cloud.
 
-    python -m recipe.retool.cloud.launcher --dry-run [--config config/modal/default.yaml] [key=value ...]
+    python -m recipe.retool.cloud.launcher --dry-run [--config config/experiments/default.yaml] [key=value ...]
 
 prints every Modal function's command and resources for the experiment config without running
 anything. Config values can be overridden with dotted ``key=value`` arguments (``gpus=4``,
@@ -26,18 +26,35 @@ import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
-from omegaconf.nodes import EnumNode
-
 from recipe.retool import REPO_ROOT
+from recipe.retool.experiment import (  # noqa: F401  (the experiment schema, re-exported for the Modal apps)
+    DEFAULT_CONFIG,
+    FORWARDED_ENV,
+    GPU_EXTRAS,
+    ConfigError,
+    DataSources,
+    Engine,
+    EvalStage,
+    Experiment,
+    GrpoStage,
+    ImageSettings,
+    Layout,
+    ModelServer,
+    SandboxSettings,
+    SftStage,
+    SmokeRun,
+    Timeouts,
+    commands,
+    load_experiment,
+    resource_overrides,
+)
+from recipe.retool.stages import merge_command as stages_merge_command
+from recipe.retool.stages import server_ready_url
 
-DEFAULT_CONFIG = REPO_ROOT / "config" / "modal" / "default.yaml"
 # The keys the launcher takes from a local .env (others there are ignored): sent to the containers as a
 # Modal secret together with the named secrets of Modal's secret store (``secrets:`` in the config)
 SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", "RETOOL_SANDBOX_TOKEN")
@@ -47,229 +64,12 @@ SANDBOX_TOKEN_ENV = "RETOOL_SANDBOX_TOKEN"
 # The one declaration of every dependency: `dependencies` (every install) and the extras; the Modal
 # image installs `dependencies` + the GPU extra of image.engine from it, as `pip install -e ".[gpu]"` does
 PYPROJECT = REPO_ROOT / "pyproject.toml"
-GPU_EXTRAS = {"sglang": "gpu", "vllm": "gpu-vllm"}  # image.engine -> pyproject's extra
-# local environment variables that name the experiment: they override the file, and are forwarded
-# into the containers so that paths computed there agree with the volumes named here
-FORWARDED_ENV = {"RETOOL_EXPERIMENTER": "experimenter", "RETOOL_EXPERIMENT": "experiment"}
 
 # where the volumes are mounted inside the containers
 DATA_DIR = "/vol/data"
 MODELS_DIR = "/vol/models"
 CKPT_DIR = "/vol/checkpoints"
-
-
-class Engine(str, Enum):
-    """The rollout engine the Modal image installs (``image.engine``)."""
-
-    sglang = "sglang"
-    vllm = "vllm"
-
-
-class ModelServer(str, Enum):
-    """What serves the checkpoint for evaluation (``eval.server``)."""
-
-    sglang = "sglang"
-    vllm = "vllm"
-
-
-# The experiment config's schema: OmegaConf structured configs, so types, defaults, unknown-key errors
-# and merging (defaults ← YAML file ← key=value overrides) come from one place.
-@dataclass
-class Timeouts:
-    """Seconds each Modal function may run."""
-
-    prep: int = 3600
-    download: int = 3600
-    sft: int = 24 * 3600
-    grpo: int = 24 * 3600
-    eval: int = 4 * 3600
-    smoke: int = 3600
-
-
-@dataclass
-class DataSources:
-    sft_source: str = "JoeYing/ReTool-SFT"
-    rl_source: str = "BytedTsinghua-SIA/DAPO-Math-17k"
-    val_source: str = "Maxwell-Jia/AIME_2024"
-    sample: bool = False  # the bundled samples instead of the hub datasets
-    prefilter_args: list[str] = field(default_factory=list)
-
-
-@dataclass
-class SftStage:
-    config: str = "retool_sft"
-    overrides: list[str] = field(default_factory=list)  # verl key=value
-
-
-@dataclass
-class GrpoStage:
-    config: str = "retool_grpo_template"
-    sft_checkpoint: str | None = None  # None: the latest checkpoint of this experiment's SFT run
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class EvalStage:
-    checkpoint: str | None = None  # None: the latest GRPO checkpoint (else SFT)
-    server: ModelServer = ModelServer.sglang
-    served_name: str = "retool"
-    port: int = 8000
-    args: list[str] = field(default_factory=list)  # eval flags, e.g. [--samples, 32]
-    server_start_timeout: int = 1800  # seconds the model server may take to answer
-
-
-@dataclass
-class SandboxSettings:
-    url: str | None = None  # None: the URL of the deployed sandbox app
-    # Modal secret-store names for the sandbox app (modal_sandbox.py), before RETOOL_SANDBOX_TOKEN from
-    # .env: keep them to a secret holding only the token, since the sandbox runs model-written code
-    secrets: list[str] = field(default_factory=list)
-    app_name: str = "retool-sandbox"
-    function: str = "sandbox"
-    workers: int = 16
-    cpu: float = 8
-    memory_mb: int = 16384
-    max_containers: int = 32
-    concurrency: int = 64
-    allow_unsafe: bool = False
-
-
-@dataclass
-class SmokeRun:
-    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
-    sft_overrides: list[str] = field(default_factory=list)
-    grpo_overrides: list[str] = field(default_factory=list)
-    eval_args: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ImageSettings:
-    # CUDA 13 devel: both GPU sets use PyPI's torch 2.11.0 (a CUDA 13.0 build), and flashinfer compiles its
-    # kernels at first use with the image's nvcc, which torch refuses when its major version differs
-    base: str = "nvidia/cuda:13.0.1-devel-ubuntu22.04"
-    python: str = "3.12"
-    engine: Engine = Engine.sglang
-    flash_attn_wheel: str | None = None
-
-
-@dataclass
-class Experiment:
-    experimenter: str = "default"
-    experiment: str = "retool"
-    model: str = "Qwen/Qwen2.5-7B-Instruct"
-    gpu: str = "H100"
-    gpus: int = 8
-    nodes: int = 1
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    data: DataSources = field(default_factory=DataSources)
-    sft: SftStage = field(default_factory=SftStage)
-    grpo: GrpoStage = field(default_factory=GrpoStage)
-    eval: EvalStage = field(default_factory=EvalStage)
-    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
-    smoke: SmokeRun = field(default_factory=SmokeRun)
-    image: ImageSettings = field(default_factory=ImageSettings)
-    # Named secrets of Modal's secret store (`modal secret create NAME KEY=value …`) for every function
-    # that gets secrets, in this order, then the keys of the local .env: on a key set twice the later
-    # source wins (Modal applies a function's secrets in order), so .env overrides the store
-    secrets: list[str] = field(default_factory=list)
-
-    @property
-    def gpu_extra(self) -> str:
-        """The pyproject extra with the GPU set the image installs (`gpu` for SGLang, `gpu-vllm` for vLLM)."""
-        return GPU_EXTRAS[self.image.engine.value]
-
-    @property
-    def sft_name(self) -> str:
-        return self.experiment
-
-    @property
-    def grpo_name(self) -> str:
-        return f"{self.experiment}-grpo"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-_WORDS = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
-          "StringNode": "a string", "ListConfig": "a list", "DictConfig": "a mapping"}
-
-
-def _expected(schema: DictConfig, key: str) -> str:
-    node: Any = schema
-    for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            return "another value"
-        node = node._get_node(part)
-    if isinstance(node, EnumNode):
-        return f"one of {[e.name for e in node._metadata.object_type]}"
-    return _WORDS.get(type(node).__name__, "another value")
-
-
-def _merge(cfg: DictConfig, update: DictConfig, where: str) -> DictConfig:
-    """``cfg`` with ``update`` merged in; a wrong key or type is a ConfigError naming ``where``."""
-    try:
-        return OmegaConf.merge(cfg, update)
-    except ConfigKeyError as exc:
-        parent = exc.full_key.rpartition(".")[0]
-        known = list(OmegaConf.select(cfg, parent).keys()) if parent else list(cfg.keys())
-        raise ConfigError(f"{where}: unknown key '{exc.full_key}' (known{' in ' + parent if parent else ''}: "
-                          f"{', '.join(known)})") from None
-    except ValidationError as exc:
-        key = exc.full_key or next((k for k in _set_keys(update) if isinstance(OmegaConf.select(cfg, k), DictConfig)), "")
-        got = OmegaConf.select(update, key, default=None) if key else update
-        if key and isinstance(OmegaConf.select(cfg, key), DictConfig):
-            raise ConfigError(f"{where}: '{key}' is a section ({', '.join(OmegaConf.select(cfg, key).keys())}), "
-                              f"not a single value") from None
-        if not key:
-            raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
-        raise ConfigError(f"{where}: '{key}' expects {_expected(cfg, key)}, got {got!r}") from None
-
-
-def _set_keys(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, DictConfig):
-        return [k for key in node.keys() for k in _set_keys(node._get_node(key), f"{prefix}{key}.")]
-    return [prefix[:-1]]
-
-
-def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (),
-                    environ: Mapping[str, str] | None = None) -> Experiment:
-    """The experiment config: defaults ← YAML file ← ``key=value`` overrides ← environment names.
-
-    Every error names its source: the YAML file for a value set there, the override for one given
-    on the command line."""
-    environ = os.environ if environ is None else environ
-    cfg = OmegaConf.structured(Experiment)
-    origin: dict[str, str] = {}
-    path = Path(path) if path else DEFAULT_CONFIG
-    if path.exists():
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        cfg = _merge(cfg, loaded, str(path))
-        origin.update(dict.fromkeys(_set_keys(loaded), str(path)))
-    elif path != DEFAULT_CONFIG:
-        raise ConfigError(f"{path}: no such experiment config")
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}': expected key=value")
-        try:
-            update = OmegaConf.from_dotlist([item])
-        except Exception as exc:  # OmegaConf's grammar error, first line only
-            raise ConfigError(f"override '{item}': {str(exc).splitlines()[0]}") from None
-        cfg = _merge(cfg, update, f"override '{item}'")
-        origin.update(dict.fromkeys(_set_keys(update), f"override '{item}'"))
-    for env, key in FORWARDED_ENV.items():
-        if environ.get(env):
-            cfg[key] = environ[env]
-            origin[key] = f"${env}"
-    for key in ("gpus", "nodes"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{origin.get(key, 'default')}: '{key}' must be ≥ 1, got {cfg[key]}")
-    return OmegaConf.to_object(cfg)
+LAYOUT = Layout(data=DATA_DIR, checkpoints=CKPT_DIR, models=MODELS_DIR)
 
 
 def _slug(text: str) -> str:
@@ -287,7 +87,7 @@ def volume_names(exp: Experiment) -> dict[str, str]:
 
 
 def model_dir(model_id: str) -> str:
-    return f"{MODELS_DIR}/{model_id.replace('/', '--')}"
+    return LAYOUT.model_dir(model_id)
 
 
 def _py(module: str, *args: str) -> list[str]:
@@ -297,74 +97,46 @@ def _py(module: str, *args: str) -> list[str]:
 def prep_commands(exp: Experiment, tokenizer: str | None = None, sft_extra: Sequence[str] = (),
                   grpo_extra: Sequence[str] = ()) -> list[list[str]]:
     """Data, then the prefilter of each file by the budget of the config (and overrides) that trains on it."""
-    d = exp.data
-    cmd = _py("recipe.retool.data", "all", "--out-dir", f"{DATA_DIR}/raw",
-              "--sft-source", d.sft_source, "--rl-source", d.rl_source, "--aime24-source", d.val_source)
-    if d.sample:
-        cmd = _py("recipe.retool.data", "all", "--out-dir", f"{DATA_DIR}/raw", "--sample")
-    cmds = [cmd]
-    tok = tokenizer or model_dir(exp.model)
-    trainer = {"sft": (exp.sft.config, [*exp.sft.overrides, *map(str, sft_extra)]),
-               "rl": (exp.grpo.config, [*exp.grpo.overrides, *map(str, grpo_extra)])}
-    for rel in ("sft/train.parquet", "rl/train.parquet", "rl/aime24.parquet"):
-        config, overrides = trainer[rel.split("/")[0]]
-        cmds.append(_py("recipe.retool.prefilter_dataset", "--input", f"{DATA_DIR}/raw/{rel}",
-                        "--output", f"{DATA_DIR}/{rel}", "--tokenizer", tok, "--config", config,
-                        *d.prefilter_args, *overrides))
-    return cmds
-
-
-def resource_overrides(exp: Experiment, gpus: int | None = None) -> list[str]:
-    return [f"trainer.n_gpus_per_node={gpus or exp.gpus}", f"trainer.nnodes={exp.nodes}"]
+    staged = replace(exp, sft=replace(exp.sft, overrides=[*exp.sft.overrides, *map(str, sft_extra)]),
+                     grpo=replace(exp.grpo, overrides=[*exp.grpo.overrides, *map(str, grpo_extra)]))
+    c = commands(staged, LAYOUT, tokenizer=tokenizer)
+    return [c["data"], *c["prefilter"]]
 
 
 def sft_command(exp: Experiment, model: str | None = None, extra: Sequence[str] = ()) -> list[str]:
-    return _py("recipe.retool.train", "sft", model or model_dir(exp.model), DATA_DIR, CKPT_DIR, exp.sft_name,
-               "--config", exp.sft.config, *resource_overrides(exp), *exp.sft.overrides, *map(str, extra))
+    return [*commands(exp, LAYOUT, sft_model=model)["sft"], *map(str, extra)]
 
 
 def sft_checkpoint_root(exp: Experiment) -> str:
-    return f"{CKPT_DIR}/sft-experiments/{exp.sft_name}"
+    return commands(exp, LAYOUT)["sft_root"]
 
 
 def grpo_checkpoint_root(exp: Experiment) -> str:
-    return f"{CKPT_DIR}/grpo-experiments/{exp.grpo_name}"
+    return commands(exp, LAYOUT)["grpo_root"]
 
 
 def grpo_command(exp: Experiment, sft_model: str | None = None, extra: Sequence[str] = ()) -> list[str]:
-    model = sft_model or exp.grpo.sft_checkpoint or sft_checkpoint_root(exp)
-    return _py("recipe.retool.train", "grpo", model, DATA_DIR, CKPT_DIR, exp.grpo_name,
-               "--config", exp.grpo.config, *resource_overrides(exp), *exp.grpo.overrides, *map(str, extra))
+    if sft_model:
+        exp = replace(exp, grpo=replace(exp.grpo, sft_checkpoint=sft_model))
+    return [*commands(exp, LAYOUT)["grpo"], *map(str, extra)]
 
 
 def serve_command(exp: Experiment, model_path: str, gpus: int | None = None) -> list[str]:
-    e = exp.eval
-    tp = str(gpus or exp.gpus)
-    if e.server is ModelServer.vllm:
-        # `vllm serve` through the interpreter (the console script is absent from --target installs)
-        return _py("vllm.entrypoints.cli.main", "serve", model_path, "--served-model-name", e.served_name,
-                   "--port", str(e.port), "--tensor-parallel-size", tp, "--enable-auto-tool-choice",
-                   "--tool-call-parser", "hermes")
-    return _py("sglang.launch_server", "--model-path", model_path, "--served-model-name", e.served_name,
-               "--port", str(e.port), "--tp", tp, "--tool-call-parser", "qwen25")
+    return commands(exp, LAYOUT)["serve"](model_path, gpus or exp.gpus)
 
 
 def model_server_url(exp: Experiment) -> str:
     """What the evaluation waits for before it starts: the model server's model list."""
-    return f"http://127.0.0.1:{exp.eval.port}/v1/models"
+    return server_ready_url(exp.eval.port)
 
 
 def eval_command(exp: Experiment, output: str, sandbox_url: str, extra: Sequence[str] = ()) -> list[str]:
-    e = exp.eval
-    return _py("recipe.retool.evaluate", "--model", e.served_name, "--output", output,
-               "--base-url", f"http://127.0.0.1:{e.port}/v1", "--sandbox-url", sandbox_url,
-               "--data", f"{DATA_DIR}/rl/aime24.parquet", *e.args, *map(str, extra))
+    return commands(exp, LAYOUT)["eval"](output, sandbox_url, list(map(str, extra)))
 
 
 def merge_command(step_dir: Path) -> list[str]:
     shard_dir = step_dir / "actor" if (step_dir / "actor").is_dir() else step_dir
-    return _py("verl.model_merger", "merge", "--backend", "fsdp", "--local_dir", str(shard_dir),
-               "--target_dir", str(shard_dir / "merged_hf"))
+    return stages_merge_command(shard_dir, python="python")
 
 
 def list_checkpoints(root: str | Path = CKPT_DIR) -> list[dict[str, Any]]:
@@ -577,7 +349,7 @@ def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
         "evaluate": {"gpu": gpu, "timeout": t.eval,
                      "commands": [serve_command(exp, "<checkpoint>/merged_hf"), eval_command(exp, eval_out, sandbox_url)]},
         "pipeline": {"gpu": None, "timeout": t.sft + t.grpo + t.eval,
-                     "commands": [["train"], ["train_grpo"], ["evaluate"]]},
+                     "commands": [["prep_dataset"], ["train"], ["train_grpo"], ["evaluate"]]},
         "list_checkpoints": {"gpu": None, "timeout": 300, "commands": []},
         "merge_checkpoint": {"gpu": None, "timeout": 3600,
                              "commands": [merge_command(Path(f"{CKPT_DIR}/<stage>-experiments/<exp>/global_step_<N>"))]},

@@ -9,7 +9,7 @@
     modal run recipe/retool/cloud/modal_app.py::pipeline                   # SFT → GRPO → eval
     modal run recipe/retool/cloud/modal_app.py::dry_run                    # print every command, run nothing
 
-The experiment config is ``RETOOL_MODAL_CONFIG`` (default ``config/modal/default.yaml``), read when
+The experiment config is ``RETOOL_MODAL_CONFIG`` (default ``config/experiments/default.yaml``), read when
 this file is imported (locally and in the containers) because volume names and GPU counts are part
 of the function definitions. Each function is a thin wrapper: commands come from
 :mod:`recipe.retool.cloud.launcher`, which is where the logic (and its tests) live.
@@ -219,7 +219,9 @@ def evaluate(checkpoint: str = "") -> None:
 
 @app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, timeout=T.sft + T.grpo + T.eval)
 def pipeline() -> None:
-    """SFT → GRPO → evaluation, chained (each stage on its own GPU containers)."""
+    """The stages of ``python -m recipe.retool.pipeline``, chained: data and prefilter, SFT, GRPO,
+    evaluation (each on its own containers; the merges happen where a stage reads a checkpoint)."""
+    prep_dataset.remote()
     train.remote()
     train_grpo.remote()
     evaluate.remote()
@@ -270,7 +272,7 @@ def check_sandbox_connection() -> dict:
 
 @app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=f"{EXP.gpu}:1", timeout=T.smoke)
 def smoke() -> None:
-    """The smallest end-to-end run on one GPU: a handful of steps of each stage (see config/modal/smoke.yaml)."""
+    """The smallest end-to-end run on one GPU: a handful of steps of each stage (see config/experiments/smoke.yaml)."""
     _reload()
     plan = launcher.plan(EXP)["smoke"]["commands"]
     exp = launcher.smoke_experiment(EXP)
