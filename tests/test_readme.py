@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 DOCS = {p.relative_to(REPO).as_posix(): p.read_text()
-        for p in [REPO / "README.md", REPO / "recipe/retool/sandbox/README.md", *(REPO / "docs").glob("*.md")]}
+        for p in [REPO / "README.md", REPO / "recipe/retool/sandbox/README.md", *(REPO / "docs").glob("*.md"),
+                  *(REPO / "scripts" / "lab").glob("*.md")]}
 PATCHES = (REPO / "docs" / "verl_patches.md").read_text()
 
 
@@ -45,7 +46,7 @@ def test_every_documented_module_command_answers_help(module):
 
 
 def test_every_documented_script_and_wrapper_exists():
-    paths = _found(r"(?<![\w/])((?:\./)?(?:recipe/retool/[\w/]+\.sh|scripts/\w+\.(?:py|sh)))")
+    paths = _found(r"(?<![\w/])((?:\./)?(?:recipe/retool/[\w/]+\.sh|scripts/(?:lab/)?\w+\.(?:py|sh)))")
     assert len(paths) > 10
     missing = [p for p in paths if not (REPO / p.removeprefix("./")).is_file()]
     assert not missing, missing
@@ -119,3 +120,11 @@ def test_the_list_of_patched_verl_internals_is_complete():
                for path in (REPO / "recipe").rglob("*.py") for attr in _assigned_verl_attributes(path)}
     assert patched, "the scan found nothing: it is broken"
     assert patched <= listed, f"verl internals patched but not listed in docs/verl_patches.md: {sorted(patched - listed)}"
+
+
+def test_every_relative_link_of_the_guides_resolves():
+    guides = [REPO / "README.md", REPO / "recipe/retool/sandbox/README.md", *(REPO / "docs").glob("*.md"),
+              *(REPO / "scripts" / "lab").glob("*.md")]
+    broken = [(g.relative_to(REPO).as_posix(), t) for g in guides for t in re.findall(r"\]\(([^)#\s]+)", g.read_text())
+              if not t.startswith("http") and not (g.parent / t).exists()]
+    assert not broken, broken

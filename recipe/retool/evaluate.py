@@ -1,7 +1,7 @@
 """AIME24 evaluation with tool use: pass@1 … pass@32 against any OpenAI-compatible server + a sandbox.
 
     python -m recipe.retool.evaluate --model MODEL --output results/aime24.json \\
-        [--base-url http://localhost:8000/v1] [--sandbox-url http://localhost:8080] [--data FILE.parquet]
+        [--base-url MODEL_SERVER_URL] [--sandbox-url SANDBOX_URL] [--data FILE.parquet]
     ./recipe/retool/evaluate_model.sh MODEL OUTPUT [BASE_URL] [SANDBOX_URL] [API_KEY] [more flags]
 
 Each sample is a conversation of up to ``--max-turns`` model turns: when the model calls the code
@@ -57,6 +57,7 @@ from recipe.retool.code_blocks import extract_code, print_last_expression
 from recipe.retool.data import DataError, load_code_tool_schema
 from recipe.retool.reward import score_answer
 from recipe.retool.sandbox.client import SandboxClient
+from recipe.retool.settings import DEFAULT_MODEL_URL, DEFAULT_SANDBOX_URL, SANDBOX_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ class EvalError(RuntimeError):
 class EvalConfig:
     model: str
     output: str
-    base_url: str = "http://localhost:8000/v1"
-    sandbox_url: str = "http://localhost:8080"
-    sandbox_token_env: str = "RETOOL_SANDBOX_TOKEN"  # env var with the sandbox's bearer token (unset: none)
+    base_url: str = DEFAULT_MODEL_URL
+    sandbox_url: str = DEFAULT_SANDBOX_URL
+    sandbox_token_env: str = SANDBOX_TOKEN_ENV  # env var with the sandbox's bearer token (unset: none)
     api_key: str = "EMPTY"
     data: str | None = None
     samples: int = 32

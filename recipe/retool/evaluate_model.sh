@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AIME24 pass@k with tool use against an OpenAI-compatible server (vLLM/SGLang) and a sandbox.
 #   ./evaluate_model.sh MODEL OUTPUT_PATH [BASE_URL] [SANDBOX_URL] [API_KEY] [more eval flags ...]
-# Defaults: BASE_URL=http://localhost:8000/v1  SANDBOX_URL=http://localhost:8080  API_KEY=EMPTY
+# An empty or missing BASE_URL / SANDBOX_URL / API_KEY takes the evaluation's default (see --help there).
 # Thin wrapper over `python -m recipe.retool.evaluate` (see --help there). Useful flags:
 #   --config GRPO_CONFIG (sampling and budgets default to its validation settings) --samples N --max-turns N
 #   --max-tokens N (TOTAL response tokens per sample, all turns) --temperature T
@@ -13,9 +13,9 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 model=$1 output=$2
-base_url=${3:-http://localhost:8000/v1}
-sandbox_url=${4:-http://localhost:8080}
-api_key=${5:-EMPTY}
+args=(--model "$model" --output "$output")
+[ -n "${3:-}" ] && args+=(--base-url "$3")
+[ -n "${4:-}" ] && args+=(--sandbox-url "$4")
+[ -n "${5:-}" ] && args+=(--api-key "$5")
 shift $(( $# < 5 ? $# : 5 ))
-exec "${PYTHON:-python}" -m recipe.retool.evaluate --model "$model" --output "$output" \
-  --base-url "$base_url" --sandbox-url "$sandbox_url" --api-key "$api_key" "$@"
+exec "${PYTHON:-python}" -m recipe.retool.evaluate "${args[@]}" "$@"

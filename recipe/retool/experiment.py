@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from omegaconf.nodes import EnumNode
 
 from recipe.retool import REPO_ROOT
+from recipe.retool.settings import MODEL_SERVER_PORT
 from recipe.retool.stages import (
     DATA_FILES,
     VAL_FILE,
@@ -94,7 +95,7 @@ class EvalStage:
     checkpoint: str | None = None  # None: the latest GRPO checkpoint (else SFT)
     server: ModelServer = ModelServer.sglang
     served_name: str = "retool"
-    port: int = 8000
+    port: int = MODEL_SERVER_PORT
     args: list[str] = field(default_factory=list)  # eval flags, e.g. [--samples, 32]
     # what the one-node pipeline evaluates, in order: base (the hub model), sft, grpo (their merged runs)
     models: list[str] = field(default_factory=lambda: ["sft", "grpo"])

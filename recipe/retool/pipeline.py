@@ -34,14 +34,14 @@ from pathlib import Path
 
 from recipe.retool.experiment import ConfigError, Experiment, Layout, commands, load_experiment
 from recipe.retool.processes import LocalSandbox, stop_process, wait_until_healthy
-from recipe.retool.stages import Runner, Stage, run_logged, say, server_ready_url, tail, write_report
+from recipe.retool.settings import DEFAULT_SANDBOX_URL, SANDBOX_PORT, SANDBOX_URL_ENV
+from recipe.retool.stages import Runner, Stage, run_logged, sandbox_command, say, server_ready_url, tail, write_report
 
 SMOKE_SNIPPETS = [
     ("print(1 + 1)", "2"),
     ("import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 5*x + 6, x))", "[2, 3]"),
     ("import numpy as np\nprint(int(np.arange(101).sum()))", "5050"),
 ]
-SANDBOX_PORT = 8080  # where the printed commands of a skipped run start a sandbox
 
 
 def gpu_count() -> int:
@@ -129,9 +129,9 @@ class Pipeline:
 
     def train(self, stage: str) -> Stage:
         cmd = self.cmds[stage]
-        env = {"RETOOL_SANDBOX_URL": self.sandbox_url or f"http://127.0.0.1:{SANDBOX_PORT}"} if stage == "grpo" else None
+        env = {SANDBOX_URL_ENV: self.sandbox_url or DEFAULT_SANDBOX_URL} if stage == "grpo" else None
         if not self.gpus:
-            sandbox = ([["python", "-m", "recipe.retool.sandbox", "serve", "--port", str(SANDBOX_PORT), "&"]]
+            sandbox = ([[*sandbox_command(SANDBOX_PORT, python=sys.executable), "&"]]
                        if stage == "grpo" else [])
             return self.skipped(stage, [*sandbox, cmd], "a CUDA GPU", env)
         return self.logged(stage, [cmd], env)

@@ -19,6 +19,7 @@ from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
 from recipe.retool.code_blocks import extract_code, print_last_expression
 from recipe.retool.sandbox.client import SandboxClient
+from recipe.retool.settings import DEFAULT_SANDBOX_URL, SANDBOX_TOKEN_ENV
 
 __all__ = ["SandboxFusionTool", "extract_code", "print_last_expression"]
 
@@ -38,11 +39,11 @@ class SandboxFusionTool(BaseTool):
         super().__init__(config, tool_schema)
         url = config.get("sandbox_fusion_url")
         if not url:
-            raise ValueError("SandboxFusionTool: config.sandbox_fusion_url is required (e.g. http://localhost:8080)")
+            raise ValueError(f"SandboxFusionTool: config.sandbox_fusion_url is required (e.g. {DEFAULT_SANDBOX_URL})")
         self.timeout = float(config.get("default_timeout", 30))
         self.memory_limit_mb = int(config.get("memory_limit_mb", 1024))
         self.max_output_chars = int(config.get("max_output_chars", 4096))
-        token_env = config.get("sandbox_token_env") or "RETOOL_SANDBOX_TOKEN"
+        token_env = config.get("sandbox_token_env") or SANDBOX_TOKEN_ENV
         self.client = SandboxClient(
             url,
             token=os.environ.get(token_env) or None,

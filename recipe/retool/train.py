@@ -46,6 +46,7 @@ from recipe.retool.perf.attention import resolve as resolve_attention
 from recipe.retool.perf.kernels import padded_triton_problem
 from recipe.retool.perf.kernels import resolve as resolve_kernels
 from recipe.retool.perf.precision import resolve as resolve_precision
+from recipe.retool.settings import SANDBOX_URL_ENV
 from recipe.retool.stages import merge_command
 
 STAGES = {
@@ -308,7 +309,7 @@ def environment(cfg, stage: str) -> dict[str, str]:
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if stage == "grpo":
-        env["RETOOL_SANDBOX_URL"] = str(cfg.retool.sandbox_url)
+        env[SANDBOX_URL_ENV] = str(cfg.retool.sandbox_url)
         # the driver gets the environment the config gives verl's Ray workers (plugins, platform)
         env.update({k: str(v) for k, v in cfg.ray_kwargs.ray_init.runtime_env.get("env_vars", {}).items()})
     # environment a config asks for (the miniature's CPU platform, for one), for every process

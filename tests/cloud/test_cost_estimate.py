@@ -1,4 +1,4 @@
-"""scripts/cost_estimate.py reads the recipe's configs and scales with them."""
+"""recipe/retool/cloud/cost_estimate.py reads the recipe's configs and scales with them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from recipe.retool.cloud import cost_estimate as ce
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
-import cost_estimate as ce  # noqa: E402
 
 
 def _args(**kw):
@@ -37,6 +37,6 @@ def test_the_estimate_follows_the_configs():
 
 
 def test_the_script_prints_a_total():
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "cost_estimate.py"), "--usd-per-gpu-hour", "2"],
+    out = subprocess.run([sys.executable, "-m", "recipe.retool.cloud.cost_estimate", "--usd-per-gpu-hour", "2"],
                          capture_output=True, text=True, check=True).stdout
     assert "GPU-hours" in out and "update_actor" in out and "$" in out

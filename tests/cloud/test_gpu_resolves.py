@@ -1,6 +1,6 @@
 """The GPU dependency sets (pyproject.toml's `gpu` and `gpu-vllm` extras) resolve for Python 3.12 / manylinux x86_64.
 
-Runs scripts/check_gpu_resolves.py, which asks pip to resolve each set for the GPU platform without
+Runs python -m recipe.retool.dev.check_gpu_resolves, which asks pip to resolve each set for the GPU platform without
 installing anything. Slow: pip fetches every wheel it considers (a few GB on the first run; pip's
 cache makes later runs take a few minutes). Skipped only when the package registry cannot be reached.
 """
@@ -19,16 +19,12 @@ except ModuleNotFoundError:  # Python 3.10 (the dev extra installs tomli)
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "check_gpu_resolves.py"
 
 
 def _load_script():
-    import importlib.util
+    from recipe.retool.dev import check_gpu_resolves
 
-    spec = importlib.util.spec_from_file_location("check_gpu_resolves", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return check_gpu_resolves
 
 
 def test_pins_are_read_from_pyproject():
@@ -61,7 +57,7 @@ def test_the_script_checks_the_extras_the_image_installs():
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_gpu_sets_resolve_for_python312_manylinux():
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "recipe.retool.dev.check_gpu_resolves"], capture_output=True, text=True, cwd=REPO)
     out = proc.stdout + proc.stderr
     if proc.returncode == 2:
         pytest.skip("package registry unreachable: the GPU sets could not be resolved\n" + out[-2000:])

@@ -1,4 +1,4 @@
-"""The development step profiler (scripts/gpu_sft_proof.py --profile): kernel families and the hook."""
+"""The development step profiler (scripts/lab/gpu_sft_proof.py --profile): kernel families and the hook."""
 
 import json
 import os

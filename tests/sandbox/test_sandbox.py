@@ -240,7 +240,7 @@ def test_sandbox_uses_warm_preloaded_modules(sandbox_server):
 
 def test_health_reports_where_request_time_goes(sandbox_server):
     """The pool's statistics split each request's worker round trip into the worker's stages
-    (scripts/bench_sandbox.py prints them). That the timings stay out of the response is checked by
+    (scripts/lab/bench_sandbox.py prints them). That the timings stay out of the response is checked by
     test_the_answer_is_the_workers_json_passed_through (the answer's exact key set)."""
     def stats() -> dict:
         return httpx.get(sandbox_server.url + "/health").json()["stats"]
@@ -260,13 +260,9 @@ def test_health_reports_where_request_time_goes(sandbox_server):
 
 
 def test_the_benchmark_splits_request_time_and_counts_requests_per_front():
-    """scripts/bench_sandbox.py's per-row breakdown from two /health snapshots of the pool: means over
+    """scripts/lab/bench_sandbox.py's per-row breakdown from two /health snapshots of the pool: means over
     the requests between them, and how many each front brought (the spread of connections)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_sandbox", Path(__file__).parents[2] / "scripts" / "bench_sandbox.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from recipe.retool.sandbox import timing as bench
 
     def snap(n, queue_ms, rt_us, run_us, by_front):
         return {"timed_requests": n, "queue_wait_ms_total": queue_ms, "round_trip_us_total": rt_us,

@@ -52,15 +52,15 @@ from recipe.retool.experiment import (  # noqa: F401  (the experiment schema, re
     load_experiment,
     resource_overrides,
 )
+from recipe.retool.settings import SANDBOX_TOKEN_ENV, SANDBOX_URL_ENV
 from recipe.retool.stages import merge_command as stages_merge_command
 from recipe.retool.stages import server_ready_url
 
 # The keys the launcher takes from a local .env (others there are ignored): sent to the containers as a
 # Modal secret together with the named secrets of Modal's secret store (``secrets:`` in the config)
-SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", "RETOOL_SANDBOX_TOKEN")
+SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", SANDBOX_TOKEN_ENV)
 ENV_FILE = REPO_ROOT / ".env"
 # the bearer token of the sandbox web endpoint: its server requires it, our tool and evaluation send it
-SANDBOX_TOKEN_ENV = "RETOOL_SANDBOX_TOKEN"
 # The one declaration of every dependency: `dependencies` (every install) and the extras; the Modal
 # image installs `dependencies` + the GPU extra of image.engine from it, as `pip install -e ".[gpu]"` does
 PYPROJECT = REPO_ROOT / "pyproject.toml"
@@ -345,7 +345,7 @@ def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
                            "commands": [_py("recipe.retool.cloud.launcher", "--download", exp.model, model_dir(exp.model))]},
         "train": {"gpu": gpu, "nodes": exp.nodes, "timeout": t.sft, "commands": [sft_command(exp)]},
         "train_grpo": {"gpu": gpu, "timeout": t.grpo, "commands": [grpo_command(exp)],
-                       "env": {"RETOOL_SANDBOX_URL": sandbox_url}},
+                       "env": {SANDBOX_URL_ENV: sandbox_url}},
         "evaluate": {"gpu": gpu, "timeout": t.eval,
                      "commands": [serve_command(exp, "<checkpoint>/merged_hf"), eval_command(exp, eval_out, sandbox_url)]},
         "pipeline": {"gpu": None, "timeout": t.sft + t.grpo + t.eval,

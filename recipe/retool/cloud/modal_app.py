@@ -25,6 +25,7 @@ from pathlib import Path
 import modal
 
 from recipe.retool.cloud import launcher
+from recipe.retool.settings import SANDBOX_URL_ENV
 
 REPO = launcher.REPO_ROOT
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
@@ -168,7 +169,7 @@ def _train_grpo(sft_checkpoint: str | None = None, extra: list[str] | None = Non
     cmd = launcher.grpo_command(EXP, sft_checkpoint, extra or [])
     _train("grpo", cmd, launcher.grpo_checkpoint_root(EXP),
            sft_checkpoint or EXP.grpo.sft_checkpoint or launcher.sft_checkpoint_root(EXP),
-           env={"RETOOL_SANDBOX_URL": _sandbox_url()})
+           env={SANDBOX_URL_ENV: _sandbox_url()})
 
 
 @app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.grpo)
@@ -281,7 +282,7 @@ def smoke() -> None:
     _run(prep)
     _train("sft", sft, launcher.sft_checkpoint_root(exp), exp.model, exp=exp)
     _train("grpo", grpo, launcher.grpo_checkpoint_root(exp), launcher.sft_checkpoint_root(exp),
-           env={"RETOOL_SANDBOX_URL": _sandbox_url()}, exp=exp)
+           env={SANDBOX_URL_ENV: _sandbox_url()}, exp=exp)
     latest = max((c for c in launcher.list_checkpoints() if c["experiment"] == f"{EXP.experiment}-grpo"),
                  key=lambda c: c["step"], default=None)
     _serve_and_evaluate(latest["path"] if latest else model, 1, [str(a) for a in evaluation[evaluation.index("--data") + 2:]])

@@ -41,6 +41,7 @@ from typing import Any
 
 from recipe.retool import PACKAGE_DIR
 from recipe.retool.metrics import MetricsTail, metrics_path, read_metrics
+from recipe.retool.settings import SANDBOX_URL_ENV
 from recipe.retool.stages import (
     VAL_FILE,
     Runner,
@@ -143,7 +144,7 @@ class Miniature:
                 shown += (" val " + " ".join(f"{v:.3g}" for v in val)) if val else ""
                 say(f"  [{experiment}] step {step}/{total} {shown} ({time.time() - started:.0f}s)")
 
-        return run_logged(cmd, log, {**self.env, "RETOOL_SANDBOX_URL": self.sandbox.url if self.sandbox else ""},
+        return run_logged(cmd, log, {**self.env, SANDBOX_URL_ENV: self.sandbox.url if self.sandbox else ""},
                           progress)
 
     # --- stages

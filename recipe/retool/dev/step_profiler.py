@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: one optimizer step under ``torch.profiler``, by kernel family.
 
-Development scaffolding for ``scripts/gpu_sft_proof.py --profile``. Loaded into verl's trainer
+Development scaffolding for ``scripts/lab/gpu_sft_proof.py --profile``. Loaded into verl's trainer
 processes through the public ``model.external_lib`` hook (a list there may name several modules);
 it does nothing unless ``RETOOL_PROFILE_DIR`` is set. Then, in every rank, the profiler starts
 right after optimizer step ``RETOOL_PROFILE_STEP - 1`` (default 3) and stops right after step

@@ -28,7 +28,7 @@ leaves them off and keeps Liger.
 ``off`` keeps verl's defaults. A ``use_fused_kernels``, ``use_liger`` or
 ``fused_kernel_options.impl_backend`` given on the command line wins over ``auto``.
 
-Measured on one H100 (docs/performance.md): 1.5B at 16k tokens, 15,453 → 19,362 tokens/s (MFU
+Measured on one H100 (scripts/lab/README.md): 1.5B at 16k tokens, 15,453 → 19,362 tokens/s (MFU
 26.2% → 33.1%); 3B at 4k, 12,470 → 15,768 (32.0% → 40.5%); same losses to 1e-4.
 
     python -m recipe.retool.perf.kernels     # what this machine would turn on
@@ -41,7 +41,7 @@ import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from recipe.retool.perf.attention import MODEL_NODE
+from recipe.retool.perf.attention import MODEL_NODE, implementation_overrides
 
 CHOICES = ("auto", "off")
 
@@ -154,3 +154,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# SFT overrides of the two paths compared with padded SDPA step by step (tests/perf/test_packed_attention.py,
+# scripts/lab/attention_loss_curves.py): the packed path (one row of concatenated sequences per
+# micro-batch, our attention over it) and verl's fused log-prob kernel (no logits tensor built)
+PACKED_SFT = ["model.use_remove_padding=true", *implementation_overrides("model", "retool_packed", new_key=False)]
+
+
+def fused_sft_overrides(device: str) -> list[str]:
+    """Triton and Liger on a GPU over packed rows, as ``retool.kernels=auto`` and ``retool.attention=auto``
+    set them there; the same maths through verl's torch backend on a CPU."""
+    if device == "gpu":
+        return [*PACKED_SFT, "model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=triton",
+                "model.use_liger=true"]
+    return ["model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=torch"]

@@ -15,9 +15,9 @@ runs SDPA once per sequence: the reference the tests compare the packing against
 On a Hopper GPU (compute capability 9), a pack that holds a single sequence (long-context SFT: one
 16k conversation per micro-batch) has no boundaries to respect, so it goes to SDPA with cuDNN's
 attention kernel first in line (then SDPA's flash kernel, if cuDNN declines the shapes): on an H100
-cuDNN's causal kernel runs 1.8x PyTorch's varlen flash kernel at 16k (``scripts/bench_attention.py``),
+cuDNN's causal kernel runs 1.8x PyTorch's varlen flash kernel at 16k (``scripts/lab/bench_attention.py``),
 which took verl's SFT step for 1.5B at 16k from 38.0% to 40.5% MFU with gradient checkpointing off,
-32.6% to 35.3% with it on (docs/performance.md). Elsewhere it is not measured, and cuDNN's kernel is
+32.6% to 35.3% with it on (scripts/lab/README.md). Elsewhere it is not measured, and cuDNN's kernel is
 not faster everywhere, so other GPUs keep the varlen kernel. ``RETOOL_PACKED_CUDNN=0`` in the
 trainer's environment (for GRPO, Ray's workers inherit the launching shell's) keeps every pack on the
 varlen kernel. Two consequences: a sequence can meet different kernels in different passes (alone in
@@ -130,7 +130,7 @@ def _one_sequence_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """(1, heads, len, dim) in, (1, len, heads, dim) out: one causal sequence through SDPA, cuDNN's
     kernel first, then flash. Grouped-query heads are repeated (2 x len x heads x dim copied), the form
     measured in the trainer, unless ``gqa``: then SDPA's ``enable_gqa`` passes them as they are (also
-    cuDNN's kernel in PyTorch 2.11, 8% faster on the kernel alone at 16k, ``scripts/bench_attention.py``)."""
+    cuDNN's kernel in PyTorch 2.11, 8% faster on the kernel alone at 16k, ``scripts/lab/bench_attention.py``)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     grouped = key.shape[1] != query.shape[1]

@@ -4,7 +4,7 @@ On a CPU without native bf16 arithmetic (x86 without AVX512-BF16 or AMX-BF16, e.
 EPYC; Arm without the BF16 extension) PyTorch emulates bf16 matrix products: about 16× slower than
 fp32 on such a machine (1.2 vs 19 GFLOP/s measured on an AVX2 EPYC). ``ONEDNN_MAX_CPU_ISA`` capped
 below bf16 instructions (``AVX2``, ``AVX512_CORE``) does the same on any CPU, and counts as no
-native bf16 here (``scripts/bench_cpu_dtype.py`` measures both). A CPU run that asks for bf16
+native bf16 here (``scripts/lab/bench_cpu_dtype.py`` measures both). A CPU run that asks for bf16
 there is slow for no gain, so this module is the one place that decides the dtype a CPU run computes
 in; every CPU consumer asks it:
 

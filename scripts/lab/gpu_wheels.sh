@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Collect the wheels verl 0.9.1's SFT path needs on a GPU machine that has torch but no internet
-# (Python 3.12, x86_64), for scripts/gpu_sft_proof.py and scripts/mini_grpo.py. Writes .whl/ (everything but ray) and
+# (Python 3.12, x86_64), for scripts/lab/gpu_sft_proof.py and scripts/lab/mini_grpo.py. Writes .whl/ (everything but ray) and
 # .whl2/ray.part-aa, .whl3/ray.part-ab (ray's wheel split in parts, so that each transfer stays under
 # a 64 MiB limit). On the GPU machine:
 #   cat .whl2/ray.part-* .whl3/ray.part-* > ray.whl && pip install --no-deps --target /tmp/site .whl/*.whl ray.whl
@@ -25,7 +25,7 @@ done
 split -b 30m /tmp/ray-dl/ray-*.whl /tmp/ray-dl/ray.part-
 mv /tmp/ray-dl/ray.part-aa .whl2/ && mv /tmp/ray-dl/ray.part-a[b-z] .whl3/
 du -sh .whl .whl2 .whl3
-# The GRPO loop (scripts/mini_grpo.py) also needs verl's transfer queue, the reward's math-verify,
+# The GRPO loop (scripts/lab/mini_grpo.py) also needs verl's transfer queue, the reward's math-verify,
 # the tool's aiohttp client, what our sandbox server and launcher use, and liger-kernel (--extra model.use_liger=true): .whl5/.
 mkdir -p .whl5
 for pkg in transferqueue==0.1.11 prometheus_client math-verify==0.9.0 latex2sympy2_extended==1.11.0 \

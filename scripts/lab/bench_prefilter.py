@@ -1,6 +1,6 @@
 """Prefilter throughput: parallel workers vs one worker, on a DAPO-17k-sized synthetic RL file.
 
-    python scripts/bench_prefilter.py [--rows 17000] [--workers N] [--tokenizer PATH]
+    python scripts/lab/bench_prefilter.py [--rows 17000] [--workers N] [--tokenizer PATH]
 
 Builds the input from the bundled sample problems (repeated with varied numbers and lengths),
 tokenizes with the offline dev tokenizer unless --tokenizer is given, runs the real prefilter

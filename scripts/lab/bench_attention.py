@@ -1,6 +1,6 @@
 """Causal attention kernels the trainer can reach without the flash-attn package, side by side on one GPU.
 
-    python scripts/bench_attention.py [--lengths 4096 12345 16384] [--heads 12] [--kv-heads 2] [--dim 128] [--iters 10]
+    python scripts/lab/bench_attention.py [--lengths 4096 12345 16384] [--heads 12] [--kv-heads 2] [--dim 128] [--iters 10]
 
 For one sequence of each length (bf16, Qwen2.5-1.5B's heads by default), times forward and backward
 of:
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -148,7 +148,7 @@ def bench(length: int, heads: int, kv_heads: int, dim: int, iters: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python scripts/bench_attention.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python scripts/lab/bench_attention.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 12345, 16384])
     p.add_argument("--heads", type=int, default=12)

@@ -1,6 +1,6 @@
 """Resolve each GPU dependency set for Python 3.12 / manylinux x86_64, without installing it.
 
-    python scripts/check_gpu_resolves.py [--set gpu|gpu-vllm ...] [--report-dir DIR] [--pip PIP]
+    python recipe/retool/dev/check_gpu_resolves.py [--set gpu|gpu-vllm ...] [--report-dir DIR] [--pip PIP]
 
 For every set (pyproject.toml's ``gpu`` extra, SGLang; its ``gpu-vllm`` extra, vLLM; the Modal image
 installs the same extras) this asks pip to resolve ``<repo>[extra]`` exactly as
@@ -17,7 +17,7 @@ first and offered with ``--find-links``, and the check fails if hydra-core < 1.3
 Exit codes: 0 every set resolves; 1 a set does not resolve or a pin is not honoured; 2 the package
 registry could not be reached (nothing was decided). pip downloads each wheel it considers, so the
 first run fetches a few GB (pip's cache makes later runs quick). ``--report-dir`` keeps pip's JSON
-reports (``<set>.json``), from which ``scripts/gpu_engine_wheels.py`` stages wheels for a GPU machine.
+reports (``<set>.json``), from which ``scripts/lab/gpu_engine_wheels.py`` stages wheels for a GPU machine.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from recipe.retool import REPO_ROOT
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 PYPROJECT = REPO / "pyproject.toml"
 SETS = ("gpu", "gpu-vllm")  # pyproject.toml's GPU extras
 PYTHON_VERSION = "3.12"
@@ -101,7 +103,7 @@ def check_report(report: Path, extra: str) -> tuple[dict[str, str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.dev.check_gpu_resolves", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", dest="sets", action="append", choices=SETS, help="default: every set")
     p.add_argument("--report-dir", type=Path, help="keep pip's JSON report of each set here")
     p.add_argument("--pip", default=f"{sys.executable} -m pip", help="pip command (default: this Python's)")

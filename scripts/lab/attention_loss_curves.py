@@ -1,6 +1,6 @@
 """Loss curves of two training paths through verl's SFT trainer, on the same data and seed.
 
-    python scripts/attention_loss_curves.py --out OUT [--candidate packed|fused] [--device cpu|gpu] [--steps 300]
+    python scripts/lab/attention_loss_curves.py --out OUT [--candidate packed|fused] [--device cpu|gpu] [--steps 300]
                                             [--dtype fp32|bf16] [--tol T]
 
 Runs ``python -m recipe.retool.train sft`` three times with the miniature's SFT config
@@ -38,26 +38,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recipe.retool.perf.attention import implementation_overrides  # noqa: E402
+from recipe.retool.perf.kernels import PACKED_SFT, fused_sft_overrides  # noqa: E402
 
-# the packed path: one row of concatenated sequences per micro-batch, our attention over it
-PACKED = ["model.use_remove_padding=true", *implementation_overrides("model", "retool_packed", new_key=False)]
-
-
-def _fused(device: str) -> list[str]:
-    """verl's fused log-prob kernel (the logits are never built): Triton and Liger on a GPU, as
-    retool.kernels=auto sets them there; the same maths in torch on CPU."""
-    if device == "gpu":  # over packed rows, as the recipe runs on CUDA (retool.attention=auto picks retool_packed)
-        return [*PACKED, "model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=triton",
-                "model.use_liger=true"]
-    return ["model.use_fused_kernels=true", "model.fused_kernel_options.impl_backend=torch"]
-
-
-CANDIDATES = {"packed": lambda device: PACKED, "fused": _fused}
+CANDIDATES = {"packed": lambda device: PACKED_SFT, "fused": fused_sft_overrides}
 
 
 def sft_losses(model: Path, data_dir: Path, out: Path, name: str, config: Path, steps: int,
@@ -112,7 +99,7 @@ def build_inputs(out: Path, device: str, seed: int) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python scripts/attention_loss_curves.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python scripts/lab/attention_loss_curves.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="default: %(default)s")

@@ -1,8 +1,8 @@
 """Sandbox throughput and latency: our server vs a fresh `python` subprocess per request.
 
-    python scripts/bench_sandbox.py [--workers N] [--quick]
-    python scripts/bench_sandbox.py --load 10000      # + the mixed load test (correctness, memory)
-    python scripts/bench_sandbox.py --workers 32 --fronts 4 --clients 4 --load 10000   # a 16-core host
+    python scripts/lab/bench_sandbox.py [--workers N] [--quick]
+    python scripts/lab/bench_sandbox.py --load 10000      # + the mixed load test (correctness, memory)
+    python scripts/lab/bench_sandbox.py --workers 32 --fronts 4 --clients 4 --load 10000   # a 16-core host
 
 One run, side by side, on (a) ``print(1+1)`` and (b) a sympy solve, at concurrency 1 and 64, and
 (c) a 50 ms sleep at concurrency 64, bound by run time, not CPU: its rate against every worker busy
@@ -34,7 +34,9 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from recipe.retool.sandbox.timing import format_stages, stage_means_ms
+
+REPO = Path(__file__).resolve().parents[2]
 
 SNIPPETS = {
     "print": ("print(1+1)", "2\n"),
@@ -153,9 +155,6 @@ def busy_since(start: tuple[int, int]) -> float:
     return (busy - start[0]) / max(1, total - start[1])
 
 
-STAGES = ("prepare", "limits", "fork", "run", "run_end", "cleanup")
-
-
 async def pool_stats(url: str) -> dict:
     """The pool's cumulative statistics (``/health``; every front reports the one pool) and how many
     requests each front brought."""
@@ -163,32 +162,6 @@ async def pool_stats(url: str) -> dict:
         async with session.get(url + "/health") as resp:
             body = await resp.json()
     return {**(body.get("stats") or {}), "requests_by_front": body.get("requests_by_front") or []}
-
-
-def stage_means_ms(before: dict, after: dict) -> dict[str, float] | None:
-    """Mean milliseconds per request of each stage between two ``pool_stats`` snapshots: the wait
-    for a worker, the round trip to it, and the worker's own stages."""
-    totals = {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int)}
-    n = totals.get("timed_requests", 0)
-    if n <= 0:
-        return None
-    means = {"queue": totals.get("queue_wait_ms_total", 0) / n, "round_trip": totals.get("round_trip_us_total", 0) / n / 1e3}
-    for stage in STAGES:
-        means[stage] = totals.get(f"stage_{stage}_us_total", 0) / n / 1e3
-    means["pipes_loop"] = means["round_trip"] - sum(means[s] for s in STAGES)
-    means["requests"] = n
-    # how the kernel spread the connections' requests over the fronts (all fronts share the workers)
-    old = before.get("requests_by_front") or []
-    means["per_front"] = [v - (old[i] if i < len(old) else 0) for i, v in enumerate(after.get("requests_by_front") or [])]
-    return means
-
-
-def format_stages(m: dict[str, float]) -> str:
-    parts = " + ".join(f"{s} {m[s]:.2f}" for s in (*STAGES, "pipes_loop"))
-    line = f"{'':14s}ms per request (mean of {m['requests']}): queue {m['queue']:.2f} | worker round trip {m['round_trip']:.2f} = {parts}"
-    if len(m.get("per_front", [])) > 1:
-        line += f" | requests per front {'/'.join(map(str, m['per_front']))}"
-    return line
 
 
 async def bench(url: str, quick: bool, workers: int, clients: int = 1) -> None:

@@ -1,6 +1,6 @@
 """Prove the SFT path on a GPU and measure it: verl's real SFT trainer with our config.
 
-    python scripts/gpu_sft_proof.py --out OUT [--shape 0.5b] [--seq-len 4096] [--steps 6] [--gpus 1] [--sp 1]
+    python scripts/lab/gpu_sft_proof.py --out OUT [--shape 0.5b] [--seq-len 4096] [--steps 6] [--gpus 1] [--sp 1]
                                     [--attn auto|sdpa|retool_packed|flash_attention_2] [--pack N]
 
 1. measures the GPU's bf16 matmul peak (8192³, mean of 10 after warm-up);
@@ -22,7 +22,7 @@ into the same OUT reuse its model and data (same weights, same conversations), e
 own checkpoint directory, so their per-step losses can be compared.
 
 Prints a JSON summary and writes it to OUT/summary-<shape>-<length>-<attn>-pack<N>.json. Needs verl 0.9.1 importable (see
-scripts/gpu_wheels.sh for machines without internet).
+scripts/lab/gpu_wheels.sh for machines without internet).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -169,22 +168,23 @@ def _configured_external_lib() -> str:
     return OmegaConf.load(CONFIG_DIR / "retool_sft.yaml").model.external_lib
 
 
-_STEP_LINE = re.compile(r"step:(\d+) - .*?train/global_tokens:(\d+)")
-_LOSS = re.compile(r"train/loss:([-\d.eE+]+)")
-
-
 def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch: int, log: Path,
             extra: list[str], gpus: int = 1, sp: int = 1, pack: int = 1, exclude_from: int | None = None,
             env: dict | None = None) -> dict:
-    """Runs verl's SFT trainer; steps from ``exclude_from`` on (a profiled step) are left out of the timing."""
+    """Runs verl's SFT trainer; steps from ``exclude_from`` on (a profiled step) are left out of the timing.
+    A step's time is when its metrics reach verl's metrics file (read after each console line)."""
+    from recipe.retool.metrics import MetricsTail, metrics_path
+    from recipe.retool.stages import run_dir, train_command
+
     overrides = [
         f"trainer.n_gpus_per_node={gpus}", f"engine.ulysses_sequence_parallel_size={sp}", f"data.max_length={seq_len}",
         f"data.max_token_len_per_gpu={seq_len * pack}", f"data.train_batch_size={batch}", "data.micro_batch_size_per_gpu=1",
-        f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}", "trainer.logger=[console]",
+        f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}", "trainer.logger=[console,file]",
         "data.num_workers=2", *extra,
     ]
-    cmd = [sys.executable, "-m", "recipe.retool.train", "sft", str(model), str(data), str(ckpt), "gpu-proof", *overrides]
+    cmd = train_command("sft", str(model), data, ckpt, "gpu-proof", "retool_sft", overrides, python=sys.executable)
     print("$", " ".join(cmd), flush=True)
+    metrics = MetricsTail(metrics_path(run_dir(ckpt, "sft", "gpu-proof")))
     times, tokens, losses = {}, {}, {}
     start = time.perf_counter()
     with log.open("a") as fh, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -192,12 +192,10 @@ def run_sft(model: Path, data: Path, ckpt: Path, steps: int, seq_len: int, batch
         for line in p.stdout:
             fh.write(line)
             fh.flush()  # so that a profiler waiting for a step line sees it while training runs
-            m = _STEP_LINE.search(line)
-            if m:
-                step = int(m.group(1))
-                times[step], tokens[step] = time.perf_counter(), int(m.group(2))
-                if loss := _LOSS.search(line):
-                    losses[step] = float(loss.group(1))
+            for step, m in metrics.new():
+                times[step], tokens[step] = time.perf_counter(), int(m.get("train/global_tokens", 0))
+                if "train/loss" in m:
+                    losses[step] = m["train/loss"]
                 print(f"  step {step}: {tokens[step]} tokens", flush=True)
     if p.returncode != 0:
         raise SystemExit(f"SFT failed with exit code {p.returncode}; log: {log}")

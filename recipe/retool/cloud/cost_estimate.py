@@ -1,15 +1,15 @@
 """Estimate the GPU time (and cost) of the full recipe: SFT on ReTool-SFT, then GRPO, on 8 GPUs.
 
-    python scripts/cost_estimate.py [--grpo-steps 400] [--usd-per-gpu-hour 3.0] [--rollout-tok-s 8000] ...
+    python -m recipe.retool.cloud.cost_estimate [--grpo-steps 400] [--usd-per-gpu-hour 3.0] [--rollout-tok-s 8000] ...
 
 Batch sizes, lengths, epochs, samples per prompt, GPU count and validation frequency come from the
 recipe's own configs (``retool_sft.yaml``, ``retool_grpo_template.yaml``, read with OmegaConf); the
 model shape is Qwen2.5-7B-Instruct's. What the estimate rests on, and where each number comes from:
 
-- ``--peak-tflops`` 796: the bf16 matrix-product rate measured on an H100 (docs/performance.md);
+- ``--peak-tflops`` 796: the bf16 matrix-product rate measured on an H100 (scripts/lab/README.md);
 - ``--train-mfu`` 0.33: the MFU measured for verl's SFT trainer with our configs (``retool.kernels:
   auto``: fused log-probs + Liger, gradient checkpointing on) on one H100: 33.1% at 16k (1.5B), 40.5%
-  at 4k (3B), docs/performance.md; the lower one is used for SFT and for GRPO's log-prob and update
+  at 4k (3B), scripts/lab/README.md; the lower one is used for SFT and for GRPO's log-prob and update
   phases (the same FSDP engine; not measured in the GRPO trainer itself). cuDNN attention for
   one-sequence packs (35.3% at 16k) does not apply: the recipe's packs hold several sequences;
 - ``--sft-conversations`` 2000 and ``--sft-mean-tokens`` 1800: ReTool-SFT is ``train_2000.parquet``;
@@ -22,7 +22,7 @@ model shape is Qwen2.5-7B-Instruct's. What the estimate rests on, and where each
 - ``--step-overhead-s`` 15: weight sync, checkpoint and scheduling per step (assumption; measured
   0.5 s for a tiny model, so this is for a 7B model's 15 GB of weights).
 
-Training FLOPs per token follow scripts/gpu_sft_proof.py's MFU convention: 6·N for the matrix
+Training FLOPs per token follow scripts/lab/gpu_sft_proof.py's MFU convention: 6·N for the matrix
 products plus causal attention; GRPO spends 2·N (+attention) on each forward-only pass (the actor's
 old log-probs, the reference) and 8·N on the update (forward, recomputed forward, backward).
 """
@@ -30,12 +30,12 @@ old log-probs, the reference) and 8·N on the update (forward, recomputed forwar
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "recipe" / "retool" / "config"
+from recipe.retool import CONFIG_DIR
+
+CONFIG = CONFIG_DIR
 # Qwen2.5-7B-Instruct: parameters, layers, hidden size
 MODEL_7B = {"params": 7.62e9, "layers": 28, "hidden": 3584}
 
@@ -73,7 +73,7 @@ def grpo_step_s(args, grpo, model, rollout_tok_s: float) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m recipe.retool.cloud.cost_estimate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grpo-steps", type=int, default=400, help="GRPO steps (the ReTool paper trains 400)")
     p.add_argument("--peak-tflops", type=float, default=796.0)
     p.add_argument("--train-mfu", type=float, default=0.33)

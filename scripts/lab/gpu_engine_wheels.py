@@ -1,7 +1,7 @@
 """Stage one GPU set (SGLang or vLLM, exactly as CI resolves it) for a GPU machine without internet.
 
-    python scripts/check_gpu_resolves.py --report-dir R          # pip's resolution of each set
-    python scripts/gpu_engine_wheels.py --report R/gpu.json --name sglang [--part-mib 58]
+    python recipe/retool/dev/check_gpu_resolves.py --report-dir R          # pip's resolution of each set
+    python scripts/lab/gpu_engine_wheels.py --report R/gpu.json --name sglang [--part-mib 58]
 
 Takes every package of the resolved set except those the GPU image already provides (torch 2.11.0
 +cu130, triton, the CUDA libraries, numpy, …: ``IMAGE_PROVIDES``), downloads their wheels for
@@ -12,7 +12,7 @@ and writes it as an xz-compressed tar (level 1: fast to make on a small machine)
     cat <parts in order> | xz -d | tar -x -C /tmp/stage      # -> /tmp/stage/site
     export PYTHONPATH=$PWD:/tmp/stage/site                    # the project first (verl ships a `recipe` package)
 
-Left out on purpose (see docs/gpu_rollout.md): ``flashinfer-cubin`` (prebuilt kernels for sm100+
+Left out on purpose (see scripts/lab/gpu_rollout.md): ``flashinfer-cubin`` (prebuilt kernels for sm100+
 only; Hopper kernels are compiled at first use with the machine's nvcc) and pip's CUDA compiler
 wheels (the machine has nvcc 13.0). Kept although the image has them: ``KEEP`` (versions that
 verl/the engine need and the image's differ: the image's transformers 5.17 is outside verl's range).
@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_gpu_resolves import PLATFORMS, PYTHON_VERSION, SDIST_ONLY, normalize  # noqa: E402
 

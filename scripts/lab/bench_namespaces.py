@@ -1,6 +1,6 @@
 """Do the sandbox's per-request kernel operations scale with cores? (root, Linux)
 
-    sudo python scripts/bench_namespaces.py [--procs 1 2 4 8 16] [--seconds 3]
+    sudo python scripts/lab/bench_namespaces.py [--procs 1 2 4 8 16] [--seconds 3]
 
 Each request to our sandbox costs some kernel work besides running the snippet: the manager mounts
 and detaches a tmpfs work area, the zygote forks the child into a new pid namespace, and the child
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from recipe.retool.sandbox import isolation  # noqa: E402
 

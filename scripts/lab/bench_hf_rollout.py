@@ -1,6 +1,6 @@
 """Decode speed of the ``hf_dev`` rollout engine against transformers' own ``generate``, side by side.
 
-    python scripts/bench_hf_rollout.py [--device cpu|cuda] [--batch 1 8] [--new-tokens 64] [--hidden 64 --layers 2]
+    python scripts/lab/bench_hf_rollout.py [--device cpu|cuda] [--batch 1 8] [--new-tokens 64] [--hidden 64 --layers 2]
 
 Same random-init Qwen2 model, same prompts, greedy decoding with no early stop, each measured after
 a warm-up; prints tokens/s for both and their ratio per batch size.

@@ -1,6 +1,6 @@
 """What bf16 costs on this CPU, against fp32, natively and with bf16 instructions taken away.
 
-    python scripts/bench_cpu_dtype.py [--threads 2] [--steps 10]
+    python scripts/lab/bench_cpu_dtype.py [--threads 2] [--steps 10]
 
 Side by side in one run, each in its own process: a 512×512 matrix product (GFLOP/s) and one
 training step (forward + backward, AdamW) of the miniature's model shape (random-init Qwen2, hidden

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command beside a sandbox server started in a cgroup v2 of its own (development tool, root).
 #
-#   scripts/with_sandbox_cgroup.sh WORKERS FRONTS PORT COMMAND [ARGS...]
+#   scripts/lab/with_sandbox_cgroup.sh WORKERS FRONTS PORT COMMAND [ARGS...]
 #
 # cgroup v2 lets a cgroup either hold processes or enable controllers for its children, not both. A
 # shell inside a container often shares its cgroup with other processes, where the server cannot give
@@ -12,8 +12,8 @@
 # COMMAND with SANDBOX_URL and SANDBOX_PID set (the server stops when COMMAND ends). Rerunning it is
 # fine. The server's log: $SANDBOX_LOG (default sandbox.log).
 #
-#   scripts/with_sandbox_cgroup.sh 32 4 18080 sh -c \
-#       'python3 scripts/bench_sandbox.py --url $SANDBOX_URL --server-pid $SANDBOX_PID --clients 4'
+#   scripts/lab/with_sandbox_cgroup.sh 32 4 18080 sh -c \
+#       'python3 scripts/lab/bench_sandbox.py --url $SANDBOX_URL --server-pid $SANDBOX_PID --clients 4'
 set -euo pipefail
 workers=${1:?workers}; fronts=${2:?fronts}; port=${3:?port}; shift 3
 cd "$(dirname "$0")/.."  # the project root: `python3 -m recipe.retool.sandbox` from here

@@ -1,6 +1,6 @@
 """Evaluation-harness efficiency: does it keep the allowed LLM concurrency busy, and what does it cost?
 
-    python scripts/bench_eval.py [--problems 30] [--samples 32] [--concurrency 64] [--delay 0.2]
+    python scripts/lab/bench_eval.py [--problems 30] [--samples 32] [--concurrency 64] [--delay 0.2]
 
 Runs the real harness against the scripted OpenAI-compatible stand-in (tests/stub_openai_server.py)
 and our real sandbox server, twice in one run:
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 STUB = REPO / "tests" / "stub_openai_server.py"

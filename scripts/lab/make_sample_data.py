@@ -6,7 +6,7 @@ with its "Answer:" wrapper and repeated prompts, an AIME-style ID/Problem/Soluti
 so the demo and tests exercise the real conversion code. Every answer and every interpreter
 output is computed by running the code shown.
 
-    python scripts/make_sample_data.py
+    python scripts/lab/make_sample_data.py
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "recipe" / "retool" / "sample_data"
+OUT = Path(__file__).resolve().parents[2] / "recipe" / "retool" / "sample_data"
 
 DAPO_PREFIX = (
     "Solve the following math problem step by step. The last line of your response should be of the form "

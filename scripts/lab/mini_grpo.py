@@ -1,6 +1,6 @@
 """Miniature GRPO, end to end: verl's real ``main_ppo`` with our template, tool, sandbox and reward.
 
-    python scripts/mini_grpo.py --out OUT [--device cpu|gpu] [--steps N] [--attention sdpa|retool_packed]
+    python scripts/lab/mini_grpo.py --out OUT [--device cpu|gpu] [--steps N] [--attention sdpa|retool_packed]
                                 [--no-teach] [--shape tiny|0.5b|1.5b|3b|7b] [--skip-resume] [--sandbox-url URL]
                                 [--extra OVERRIDE ...]
 
@@ -18,7 +18,7 @@
    actor's, the code runs our sandbox served, and the resumed step.
 
 ``--shape 1.5b`` (GPU only) trains a random-init model of a Qwen2.5 shape (full 152k vocabulary, as
-``scripts/gpu_sft_proof.py`` builds it) instead of the tiny one: with ``--no-teach`` its rollouts
+``scripts/lab/gpu_sft_proof.py`` builds it) instead of the tiny one: with ``--no-teach`` its rollouts
 are random tokens up to ``data.max_response_length``, which makes fixed-size batches for timing the
 actor's phases (``old_log_prob``, ``ref``, ``update_actor``) under different kernels; the summary's
 ``phases`` are their means over the steps after the first. ``--skip-resume`` runs only the first
@@ -27,7 +27,7 @@ run, without a checkpoint.
 Progress goes to the console as it happens (each stage, the teaching loss, every GRPO step with
 its time and score); verl's full output goes to OUT/run1.log and OUT/run2.log. Exits non-zero if a
 run fails or the resume did not happen. CPU needs nothing but this repo's install; a GPU machine
-needs verl importable (see scripts/gpu_wheels.sh).
+needs verl importable (see scripts/lab/gpu_wheels.sh).
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ KEYS = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref"
         "timing_s/update_weights", "timing_s/save_checkpoint", "critic/score/mean", "critic/score/max",
         "num_turns/mean", "response_length/mean", "actor/grad_norm", "actor/pg_loss",
         "training/rollout_probs_diff_max", "training/rollout_actor_probs_pearson_corr"]
-STEP_LINE = re.compile(r"\bstep:(\d+) - (.*)$")
 SERVER_LINE = re.compile(r"hf_dev server stats: (\{.*\})")
 
 
@@ -101,20 +100,12 @@ def teach_tool_call(model_dir: Path, data: Path, steps: int, device: str) -> dic
     return {"steps": steps, "final_loss": round(float(loss.detach()), 4), "greedy_reply_is_tool_call": greedy.startswith(REPLY)}
 
 
-def parse_steps(log: str) -> dict[int, dict[str, float]]:
-    steps = {}
-    for line in log.splitlines():
-        m = STEP_LINE.search(line)
-        if not m:
-            continue
-        metrics = {}
-        for part in m.group(2).split(" - "):
-            key, _, value = part.partition(":")
-            num = re.search(r"-?[\d.]+(?:e-?\d+)?", value.split("(")[-1])
-            if key in KEYS and num:
-                metrics[key] = float(num.group(0))
-        steps[int(m.group(1))] = metrics
-    return steps
+def parse_steps(metrics_file: Path) -> dict[int, dict[str, float]]:
+    """The phase timings and scores of each step, from verl's metrics file (one launch's)."""
+    from recipe.retool.metrics import parse_records
+
+    records = parse_records(metrics_file.read_text().splitlines(keepends=True), str(metrics_file)) if metrics_file.exists() else {}
+    return {step: {k: v for k, v in m.items() if k in KEYS} for step, m in records.items()}
 
 
 def rollout_costs(log: str) -> list[dict[str, float]]:
@@ -132,9 +123,12 @@ def progress(message: str) -> None:
     print(f"[mini_grpo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_logged(cmd: list[str], log: Path, env: dict, label: str, total_steps: int) -> tuple[int, float]:
-    """Run ``cmd`` with its output going to ``log``, and a console line for each training step it
-    reports (verl prints one ``step:N - metric:value - …`` line per step). Returns (exit code, seconds)."""
+def run_logged(cmd: list[str], log: Path, env: dict, label: str, total_steps: int, metrics_file: Path) -> tuple[int, float]:
+    """Run ``cmd`` with its output going to ``log``, and a console line for each training step that
+    reaches verl's metrics file. Returns (exit code, seconds)."""
+    from recipe.retool.metrics import MetricsTail
+
+    tail = MetricsTail(metrics_file)
     start = last = time.time()
     progress(f"{label}: starting verl (Ray start-up, then {total_steps} step(s)); full output in {log}")
     with open(log, "w") as fh:
@@ -143,11 +137,9 @@ def run_logged(cmd: list[str], log: Path, env: dict, label: str, total_steps: in
         assert proc.stdout is not None
         for line in proc.stdout:
             fh.write(line)
-            m = STEP_LINE.search(line)
-            if m:
-                metrics = parse_steps(line).get(int(m.group(1)), {})
+            for step, metrics in tail.new():
                 score = metrics.get("critic/score/mean")
-                progress(f"{label}: step {m.group(1)}/{total_steps} done after {time.time() - last:.1f}s"
+                progress(f"{label}: step {step}/{total_steps} done after {time.time() - last:.1f}s"
                          + (f", score mean {score:+.3f}" if score is not None else ""))
                 last = time.time()
         rc = proc.wait()
@@ -177,14 +169,20 @@ def packed_overrides() -> list[str]:
 
 
 def run_grpo(model: Path, data: Path, ckpt: Path, config: str, total_steps: int, log: Path, env: dict,
-             label: str, overrides: list[str], save: bool = True) -> float:
-    cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(model), str(data), str(ckpt), "mini",
-           "--config", config, f"trainer.total_training_steps={total_steps}",
-           f"trainer.save_freq={total_steps if save else -1}", *overrides]
-    rc, seconds = run_logged(cmd, log, env, label, total_steps)
+             label: str, overrides: list[str], save: bool = True) -> tuple[float, dict[int, dict[str, float]]]:
+    """One launch of verl's GRPO; returns its seconds and its steps' metrics (read before a later
+    launch sets this one's metrics file aside)."""
+    from recipe.retool.metrics import metrics_path
+    from recipe.retool.stages import run_dir, train_command
+
+    cmd = train_command("grpo", str(model), data, ckpt, "mini", config,
+                        [f"trainer.total_training_steps={total_steps}", f"trainer.save_freq={total_steps if save else -1}",
+                         *overrides], python=sys.executable)
+    metrics_file = metrics_path(run_dir(ckpt, "grpo", "mini"))
+    rc, seconds = run_logged(cmd, log, env, label, total_steps, metrics_file)
     if rc != 0:
         sys.exit(f"GRPO run failed (exit {rc}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
-    return seconds
+    return seconds, parse_steps(metrics_file)
 
 
 PHASES = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref", "timing_s/update_actor"]
@@ -199,7 +197,7 @@ def phase_means(steps: dict[int, dict[str, float]]) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python scripts/mini_grpo.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python scripts/lab/mini_grpo.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
@@ -216,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: the 2-layer test model; else a random-init Qwen2.5 shape with the full vocabulary "
                         "(needs --device gpu and --no-teach) (default: %(default)s)")
     p.add_argument("--sandbox-url", help="use this running sandbox server (e.g. one started by "
-                   "scripts/with_sandbox_cgroup.sh) instead of starting one")
+                   "scripts/lab/with_sandbox_cgroup.sh) instead of starting one")
     p.add_argument("--skip-resume", action="store_true", help="only the first run, no checkpoint")
     p.add_argument("--extra", nargs="*", default=[], metavar="OVERRIDE",
                    help="more verl overrides for both runs, e.g. actor_rollout_ref.model.use_fused_kernels=true")
@@ -264,11 +262,11 @@ def main() -> None:
         if ckpt.exists():  # an earlier run's checkpoints would be resumed instead of trained
             progress(f"removing the earlier run's checkpoints in {ckpt}")
             shutil.rmtree(ckpt)
-        wall1 = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1", overrides,
+        wall1, first = run_grpo(model, out / "data", ckpt, config, args.steps, out / "run1.log", env, "run 1", overrides,
                          save=not args.skip_resume)
         runs_mid = runs_after = code_runs(sandbox_url)
         if not args.skip_resume:
-            wall2 = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env,
+            wall2, second = run_grpo(model, out / "data", ckpt, config, args.steps + 1, out / "run2.log", env,
                              "run 2 (resumes from the checkpoint)", overrides)
             runs_after = code_runs(sandbox_url)
     finally:
@@ -276,7 +274,6 @@ def main() -> None:
             sandbox.stop()
 
     log1 = (out / "run1.log").read_text()
-    first = parse_steps(log1)
     ckpt_dirs = sorted(p.name for p in (ckpt / "grpo-experiments" / "mini").glob("global_step_*"))
     summary.update({
         "config": config_name, "overrides": overrides,
@@ -287,7 +284,7 @@ def main() -> None:
     })
     if not args.skip_resume:
         log2 = (out / "run2.log").read_text()
-        summary["run2_resumed"] = {"wall_s": round(wall2, 1), "steps": parse_steps(log2),
+        summary["run2_resumed"] = {"wall_s": round(wall2, 1), "steps": second,
                                    "rollout_server": rollout_costs(log2), "sandbox_code_runs": runs_after - runs_mid}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

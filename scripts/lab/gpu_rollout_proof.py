@@ -1,10 +1,10 @@
 """Prove the real rollout engine on a GPU: serving + evaluation, then verl's GRPO with our template.
 
-    python scripts/gpu_rollout_proof.py --out OUT [--engine sglang|vllm] [--phases eval,grpo,resume,hf_dev]
+    python scripts/lab/gpu_rollout_proof.py --out OUT [--engine sglang|vllm] [--phases eval,grpo,resume,hf_dev]
 
 1. builds a small random-init Qwen2 model (head dim 64, as the engines' attention kernels want)
    with the offline dev tokenizer, and teaches it by teacher forcing to open every answer with a
-   ``code_interpreter`` call (``scripts/mini_grpo.py``'s ``teach_tool_call``), so that rollouts
+   ``code_interpreter`` call (``scripts/lab/mini_grpo.py``'s ``teach_tool_call``), so that rollouts
    exercise the tool path; prepares the bundled sample data; starts our sandbox server
    (``python -m recipe.retool.sandbox serve``);
 2. ``eval``: serves the model with the engine's OpenAI-compatible server, started with the
@@ -18,7 +18,7 @@
    side-by-side of the step time and where it goes (gen vs update_actor vs weight sync).
 
 Phases can run in separate invocations (state lives in OUT); each merges its results into
-OUT/summary.json. Needs verl 0.9.1 and the engine importable (scripts/gpu_engine_wheels.py stages
+OUT/summary.json. Needs verl 0.9.1 and the engine importable (scripts/lab/gpu_engine_wheels.py stages
 them for a machine without internet) and the project first on PYTHONPATH.
 """
 
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mini_grpo import code_runs, parse_steps, teach_tool_call  # noqa: E402
 
@@ -143,9 +143,11 @@ def run_grpo(out: Path, engine: str, steps: int, save: int, tag: str, env: dict)
 
     ckpt = out / f"ckpt-{engine}"
     config = PACKAGE_DIR / "dev" / "config" / "retool_grpo_debug.yaml"
-    cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(out / "model"), str(out / "data"), str(ckpt),
-           f"proof-{engine}", "--config", str(config), f"actor_rollout_ref.rollout.name={engine}", *SIZES,
-           f"trainer.total_training_steps={steps}", f"trainer.save_freq={save}"]
+    from recipe.retool.stages import train_command
+
+    cmd = train_command("grpo", str(out / "model"), out / "data", ckpt, f"proof-{engine}", str(config),
+                        [f"actor_rollout_ref.rollout.name={engine}", *SIZES, f"trainer.total_training_steps={steps}",
+                         f"trainer.save_freq={save}"], python=sys.executable)
     log = out / f"grpo-{engine}-{tag}.log"
     print("$", " ".join(cmd), flush=True)
     start = time.time()

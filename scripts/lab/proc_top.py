@@ -1,6 +1,6 @@
 """Which processes use the CPU, for machines without ``ps``/``top`` (reads /proc).
 
-    python scripts/proc_top.py [--interval 5] [--top 12]
+    python scripts/lab/proc_top.py [--interval 5] [--top 12]
 
 Prints the load average and the processes that used the most CPU over the interval (percent of
 one core), with their command lines.
