@@ -145,8 +145,12 @@ def test_verl_multiturn_sft_dataset_loads_sft_output(sample_data, dev_tokenizer)
     assert "\\boxed{" in trained and "<tool_response>" not in trained
 
 
-def test_verl_rlhf_dataset_loads_rl_output_with_tools(sample_data, dev_tokenizer):
+def test_verl_rlhf_dataset_loads_rl_output_with_tools(sample_data, dev_tokenizer, monkeypatch):
     from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from recipe.retool.settings import DEFAULT_SANDBOX_URL, SANDBOX_URL_ENV
+
+    monkeypatch.setenv(SANDBOX_URL_ENV, DEFAULT_SANDBOX_URL)  # what recipe.retool.train gives verl's processes
 
     cfg = OmegaConf.create({"max_prompt_length": 2048, "return_raw_chat": True,
                             "tool_config_path": str(data.TOOL_CONFIG_PATH)})

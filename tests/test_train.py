@@ -90,12 +90,19 @@ def test_grpo_seed_numbers(tiny_model_dir, sample_data):
     assert (r.multi_turn.max_assistant_turns, r.multi_turn.max_user_turns) == (8, 8)
     assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (2048, 4096)
     assert (cfg.trainer.save_freq, cfg.trainer.resume_mode) == (20, "auto")
-    assert list(cfg.trainer.logger) == ["console", "swanlab"]
+    assert list(cfg.trainer.logger) == ["console", "swanlab", "file"]
 
 
-def test_grpo_tool_and_reward_load_through_verls_loaders(tiny_model_dir, sample_data):
+def test_grpo_tool_and_reward_load_through_verls_loaders(tiny_model_dir, sample_data, monkeypatch):
     from verl.tools.tool_registry import initialize_tools_from_config
     from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    from recipe.retool.settings import SANDBOX_URL_ENV
+
+    monkeypatch.delenv(SANDBOX_URL_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"set {SANDBOX_URL_ENV}"):  # a tool that cannot reach a sandbox says why
+        initialize_tools_from_config(str(CONFIG_DIR / "tool_config" / "retool.yaml"))
+    monkeypatch.setenv(SANDBOX_URL_ENV, "http://sandbox.test:1")  # what recipe.retool.train gives verl's processes
 
     cfg = grpo_cfg(tiny_model_dir, sample_data)
     [tool] = initialize_tools_from_config(cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path)
@@ -190,6 +197,11 @@ def test_configs_kept_elsewhere_extend_ours_and_are_checked(tmp_path):
         assert unknown_keys(cfg_name, cfg_dir) == [], name
         cfg = compose(cfg_name, [], cfg_dir)
         assert cfg.trainer.device == ("cuda" if name.endswith("_gpu") else "cpu")
+    # a mixin is checked against the base of the config that lists it
+    mixin = tmp_path / "mix.yaml"
+    mixin.write_text("data:\n  max_lenght: 3\n")
+    (tmp_path / "uses_mix.yaml").write_text("defaults:\n  - retool_sft\n  - mix\n  - _self_\n")
+    assert unknown_keys("uses_mix", tmp_path) == ["mix.yaml: 'data.max_lenght' is not a key of verl's sft_trainer_engine config"]
     bad = tmp_path / "typo.yaml"
     bad.write_text("defaults:\n  - retool_sft\n  - _self_\ndata:\n  max_lenght: 3\n")
     assert unknown_keys(*split_config_arg(str(bad))) == ["typo.yaml: 'data.max_lenght' is not a key of verl's sft_trainer_engine config"]
@@ -201,3 +213,19 @@ def test_configs_kept_elsewhere_extend_ours_and_are_checked(tmp_path):
         "fp32.yaml: 'actor_rollout_ref.actor.fsdp_config.mixed_precison.param_dtype' is not a key of verl's ppo_trainer config"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         split_config_arg(str(tmp_path / "missing.yaml"))
+
+
+def test_no_config_is_more_than_three_of_our_files_deep():
+    """A config, what it extends, and what that extends: no deeper (mixins sit beside, not below)."""
+    from omegaconf import OmegaConf
+
+    from recipe.retool.train import BASE_CONFIG, find_config
+
+    def depth(name: str, config_dir) -> int:
+        raw = OmegaConf.load(find_config(name, config_dir))
+        parents = [d for d in raw.get("defaults", []) if isinstance(d, str) and d not in ("_self_", *BASE_CONFIG)]
+        return 1 + max((depth(p, config_dir) for p in parents), default=0)
+
+    depths = {p.stem: depth(p.stem, p.parent) for d in (CONFIG_DIR, DEV_CONFIG_DIR) for p in d.glob("*.yaml")}
+    assert depths["mini_grpo"] == 3 and depths["retool_grpo_template"] == 1  # the walk sees the chain
+    assert max(depths.values()) <= 3, depths

@@ -19,7 +19,7 @@ from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
 from recipe.retool.code_blocks import extract_code, print_last_expression
 from recipe.retool.sandbox.client import SandboxClient
-from recipe.retool.settings import DEFAULT_SANDBOX_URL, SANDBOX_TOKEN_ENV
+from recipe.retool.settings import DEFAULT_SANDBOX_URL, SANDBOX_TOKEN_ENV, SANDBOX_URL_ENV
 
 __all__ = ["SandboxFusionTool", "extract_code", "print_last_expression"]
 
@@ -39,7 +39,8 @@ class SandboxFusionTool(BaseTool):
         super().__init__(config, tool_schema)
         url = config.get("sandbox_fusion_url")
         if not url:
-            raise ValueError(f"SandboxFusionTool: config.sandbox_fusion_url is required (e.g. {DEFAULT_SANDBOX_URL})")
+            raise ValueError(f"SandboxFusionTool: config.sandbox_fusion_url is required: set {SANDBOX_URL_ENV} "
+                             f"(e.g. {DEFAULT_SANDBOX_URL}; recipe.retool.train sets it from retool.sandbox_url)")
         self.timeout = float(config.get("default_timeout", 30))
         self.memory_limit_mb = int(config.get("memory_limit_mb", 1024))
         self.max_output_chars = int(config.get("max_output_chars", 4096))

@@ -93,22 +93,24 @@ def _leaf_paths(node, prefix: str = "") -> list[str]:
     return [prefix[:-1]]
 
 
-def unknown_keys(config_name: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Keys set in our YAML (or the YAMLs it extends) that verl's base config does not have.
+def unknown_keys(config_name: str, config_dir: Path = CONFIG_DIR, base: str | None = None) -> list[str]:
+    """Keys set in our YAML (or the YAMLs it extends or mixes in) that verl's base config does not have.
 
     Hydra merges unknown keys silently and verl's dataclass conversion only covers some sections,
-    so a misspelt ``data.max_prompt_lenght`` would otherwise be ignored without a word.
+    so a misspelt ``data.max_prompt_lenght`` would otherwise be ignored without a word. A mixin (a
+    YAML with no verl base of its own, listed after one that has it) is checked against the base of
+    the config that lists it.
     """
     from omegaconf import OmegaConf
 
     raw = OmegaConf.load(find_config(config_name, config_dir))
     parents = [d for d in raw.get("defaults", []) if isinstance(d, str) and d != "_self_"]
-    base = next((d for d in parents if d in BASE_CONFIG), None)
+    base = base or next((d for d in parents if d in BASE_CONFIG), None) or next(
+        (found for d in parents if d not in BASE_CONFIG and (found := _base_of(d, config_dir))), None)
     bad: list[str] = []
     for parent in parents:
         if parent not in BASE_CONFIG:
-            bad += unknown_keys(parent, config_dir)
-            base = base or _base_of(parent, config_dir)
+            bad += unknown_keys(parent, config_dir, base)
     if base is None:
         return [f"{config_name}: extends no verl base config ({sorted(BASE_CONFIG)})"]
     reference = compose_verl(base)

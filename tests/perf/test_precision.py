@@ -75,15 +75,20 @@ def test_every_cpu_config_of_the_miniature_computes_in_fp32(stage, name, extra, 
     assert all(d in ("fp32", "float32") for d in dtypes.values()), dtypes
 
 
+# verl's defaults on a CPU run: bf16 compute (the CPU configs ask fp32; these overrides ask bf16 again)
+ASK_BF16 = ["actor_rollout_ref.actor.fsdp_config.mixed_precision=null",
+            "actor_rollout_ref.ref.fsdp_config.mixed_precision=null", "actor_rollout_ref.rollout.dtype=bfloat16"]
+
+
 def test_a_bf16_config_on_a_cpu_without_native_bf16_computes_in_fp32_and_says_so():
-    cfg, decision = launched("grpo", "retool_grpo_debug_cpu", [], NO_BF16)
+    cfg, decision = launched("grpo", "retool_grpo_debug_cpu", ASK_BF16, NO_BF16)
     assert set(trainer_dtypes("grpo", cfg).values()) == {"fp32", "float32"}
     assert decision.line.count("\n") == 0
     for part in ("actor.fsdp_config.mixed_precision.param_dtype=bf16", "rollout.dtype=bfloat16", NO_BF16.reason,
                  "fp32 instead"):
         assert part in decision.line
     # the same config where bf16 is native: left as asked, nothing said
-    cfg, decision = launched("grpo", "retool_grpo_debug_cpu", [], BF16)
+    cfg, decision = launched("grpo", "retool_grpo_debug_cpu", ASK_BF16, BF16)
     assert compute_dtype(cfg.actor_rollout_ref.actor.fsdp_config) == "bf16" and decision.line is None
     # and on a GPU nothing is decided here
     cfg = compose("retool_grpo_template", path_overrides("/m", "/d", "/o", "x"))
@@ -134,7 +139,7 @@ def test_the_cpu_flags_decide(tmp_path, monkeypatch):
 def test_the_launch_says_it_in_one_line_and_runs_fp32(tiny_model_dir, sample_data):
     data_dir = sample_data["rl"].parent.parent
     cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(tiny_model_dir), str(data_dir), "/tmp/o", "x",
-           "--config", str(DEV / "retool_grpo_debug_cpu.yaml"), "--dry-run"]
+           "--config", str(DEV / "retool_grpo_debug_cpu.yaml"), *ASK_BF16, "--dry-run"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), CPU_BF16_ENV: "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, check=True).stdout
     lines = [line for line in out.splitlines() if line.startswith("# precision:")]
