@@ -187,12 +187,7 @@ class Pipeline:
                 ("sft", lambda: self.train("sft")), ("merge sft", lambda: self.merge("sft")),
                 ("grpo", lambda: self.train("grpo")), ("merge grpo", lambda: self.merge("grpo")),
                 *[(f"eval {m}", lambda m=m: self.evaluate(m)) for m in self.exp.eval.models]]
-        try:
-            for name, fn in plan:
-                runner.run(name, fn)
-        finally:
-            if self.sandbox:
-                self.sandbox.stop()
+        runner.run_all(plan, cleanup=lambda: self.sandbox and self.sandbox.stop())
         head = [f"Experiment {self.exp.experimenter}/{self.exp.experiment}: {self.exp.model}, "
                 f"{self.gpus or 'no'} GPU(s) here; output `{self.out}`."]
         report = write_report(self.out, "ReTool pipeline report", runner.stages, head,

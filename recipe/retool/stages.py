@@ -162,6 +162,18 @@ class Runner:
         return st
 
 
+    def run_all(self, plan: Sequence[tuple[str, Callable[[], Stage]]], cleanup: Callable[[], None] | None = None) -> bool:
+        """Each ``(name, stage)`` of ``plan`` in order (until one fails), then ``cleanup`` whatever
+        happened (local servers the stages started). True when none failed."""
+        try:
+            for name, fn in plan:
+                self.run(name, fn)
+        finally:
+            if cleanup:
+                cleanup()
+        return not self.failed
+
+
 def run_logged(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None,
                on_line: Callable[[str], None] | None = None, cwd: str | Path | None = None) -> int:
     """Run ``cmd`` with its output in ``log`` (headed by the command); each line also goes to ``on_line``."""

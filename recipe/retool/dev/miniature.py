@@ -291,12 +291,7 @@ class Miniature:
             plan.append(("eval grpo_text_only", lambda: self.stage_eval(
                 "grpo_text_only", self.out / "ckpt" / "grpo-experiments" / "mini-grpo-text", ["--max-turns", "1"])))
         runner = Runner()
-        try:
-            for name, fn in plan:
-                runner.run(name, fn)
-        finally:
-            if self.sandbox:
-                self.sandbox.stop()
+        runner.run_all(plan, cleanup=lambda: self.sandbox and self.sandbox.stop())
         report = write_mini_report(self.out, self.s, runner.stages, self.results, time.time() - started)
         say(f"\nreport card: {report}\n")
         say(report.read_text())
