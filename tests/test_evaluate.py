@@ -245,6 +245,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_cli_fails_loudly_on_errors_and_keeps_the_console_clean(tmp_path, sandbox_server, problems_parquet,
                                                                  llm_factory):
     llm = llm_factory(Script(alpha({0: 4, 1: 4, 2: 4}), fail_always="alpha 2"))
@@ -266,6 +267,7 @@ def test_cli_fails_loudly_on_errors_and_keeps_the_console_clean(tmp_path, sandbo
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_preflight_names_what_is_down(tmp_path, sandbox_server, problems_parquet, llm_factory):
     proc = run_cli("--model", "m", "--output", str(tmp_path / "o.json"), "--base-url", "http://127.0.0.1:9/v1",
                    "--sandbox-url", sandbox_server.url, "--data", str(problems_parquet), "--max-retries", "0")

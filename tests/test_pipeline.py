@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from recipe.retool.cloud import launcher
 from recipe.retool.experiment import Layout, commands, load_experiment
 from recipe.retool.pipeline import main
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_every_cpu_stage_runs_and_the_gpu_stages_show_their_commands(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr("recipe.retool.pipeline.gpu_count", lambda: 0)  # as on CI, whatever the host has
     args = ["--out", str(tmp_path), "data.sample=true", f"model={tiny_model_dir}", "eval.models=[base,grpo]"]
@@ -25,7 +27,8 @@ def test_every_cpu_stage_runs_and_the_gpu_stages_show_their_commands(tmp_path, t
     assert sft_cmd.startswith(f"{__import__('sys').executable} -m recipe.retool.train sft {tiny_model_dir} ")
     grpo_lines = stages["grpo"]["detail"].split("```\n")[1].strip().splitlines()
     assert grpo_lines[0].endswith("-m recipe.retool.sandbox serve --port 8080 &")
-    assert "RETOOL_SANDBOX_URL=" in grpo_lines[1] and f"{tmp_path}/checkpoints/sft-experiments/" in grpo_lines[1]
+    assert grpo_lines[1].startswith("RETOOL_SANDBOX_URL=http://localhost:8080 ")
+    assert f"{tmp_path}/checkpoints/sft-experiments/" in grpo_lines[1]
     assert "recipe.retool.evaluate" in stages["eval grpo"]["detail"] and "sglang.launch_server" in stages["eval grpo"]["detail"]
     for name in ("sft/train.parquet", "rl/train.parquet", "rl/aime24.parquet"):
         assert len(pd.read_parquet(tmp_path / "data" / name)) > 0
@@ -36,9 +39,10 @@ def test_every_cpu_stage_runs_and_the_gpu_stages_show_their_commands(tmp_path, t
     assert main(args) == 0
     assert (tmp_path / "data" / "rl" / "train.parquet").stat().st_mtime_ns == before
     assert "done earlier" in (tmp_path / "report.md").read_text()
-    # another budget prefilters again
+    # another GRPO budget prefilters the RL files again, and keeps the SFT file
     assert main([*args, "grpo.overrides=[data.max_prompt_length=300]"]) == 0
-    assert "done earlier" not in str(json.loads((tmp_path / "report.json").read_text())["stages"][1]["figures"])
+    figures = json.loads((tmp_path / "report.json").read_text())["stages"][1]["figures"]
+    assert "done earlier" in figures["sft/train.parquet"] and "done earlier" not in figures["rl/train.parquet"], figures
 
 
 def test_the_pipeline_and_the_cloud_plan_run_the_same_commands():

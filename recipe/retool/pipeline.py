@@ -71,9 +71,7 @@ class Pipeline:
                 return Stage(name, "failed", f"exit {rc}: {shlex.join(cmd)}\n{tail(log)}")
         return Stage(name, "done", "\n".join(shlex.join(c) for c in cmds))
 
-    def skipped(self, name: str, cmds: Sequence[Sequence[str]], need: str, env: dict[str, str] | None = None) -> Stage:
-        prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-        lines = [f"{prefix} {shlex.join(c)}".strip() for c in cmds]
+    def skipped(self, name: str, lines: Sequence[str], need: str) -> Stage:
         return Stage(name, "skipped", f"needs {need}; a GPU node runs:\n\n```\n" + "\n".join(lines) + "\n```")
 
     # --- stages
@@ -129,12 +127,12 @@ class Pipeline:
 
     def train(self, stage: str) -> Stage:
         cmd = self.cmds[stage]
-        env = {SANDBOX_URL_ENV: self.sandbox_url or DEFAULT_SANDBOX_URL} if stage == "grpo" else None
-        if not self.gpus:
-            sandbox = ([[*sandbox_command(SANDBOX_PORT, python=sys.executable), "&"]]
-                       if stage == "grpo" else [])
-            return self.skipped(stage, [*sandbox, cmd], "a CUDA GPU", env)
-        return self.logged(stage, [cmd], env)
+        if not self.gpus:  # what a GPU node runs: GRPO's tool calls a sandbox started beside it
+            if stage == "sft":
+                return self.skipped(stage, [shlex.join(cmd)], "a CUDA GPU")
+            return self.skipped(stage, [shlex.join(sandbox_command(SANDBOX_PORT, python=sys.executable)) + " &",
+                                        f"{SANDBOX_URL_ENV}={DEFAULT_SANDBOX_URL} {shlex.join(cmd)}"], "a CUDA GPU")
+        return self.logged(stage, [cmd], {SANDBOX_URL_ENV: self.sandbox_url} if stage == "grpo" else None)
 
     def merge(self, stage: str) -> Stage:
         from recipe.retool.train import CheckpointError, resolve_model
@@ -160,8 +158,8 @@ class Pipeline:
         model = self.exp.model if label == "base" else self.cmds[f"{label}_root"]
         output = f"{self.layout.eval_dir}/{label}.json"
         if not self.gpus:
-            serve = self.cmds["serve"](f"<{label} model>", self.gpus or self.exp.gpus)
-            return self.skipped(name, [serve, self.cmds["eval"](output, self.sandbox_url or "SANDBOX_URL")],
+            serve = self.cmds["serve"](f"<{label} model>", self.exp.gpus)
+            return self.skipped(name, [shlex.join(serve) + " &", shlex.join(self.cmds["eval"](output, DEFAULT_SANDBOX_URL))],
                                 "a CUDA GPU")
         from recipe.retool.train import resolve_model
 

@@ -106,6 +106,7 @@ def test_commands_use_the_stage_modules_and_pass_resources_and_overrides():
     assert all("--tokenizer" in c for c in prep[1:])
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_train_commands_compose_for_real(tmp_path, sample_data):
     """The launcher's SFT/GRPO commands are accepted by the train module's dry run, overrides and all
     (with the bundled samples in place of the data volume)."""
@@ -436,6 +437,7 @@ def test_the_public_sandbox_endpoint_requires_a_token(tmp_path):
     assert guard and guard[0].kwargs["token"] == "abc123"
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_a_cloud_run_the_trainer_would_refuse_stops_before_any_image_is_built(tmp_path):
     from recipe.retool.cloud.launcher import attention_problems, load_experiment
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from recipe.retool.data import prepare_all
 from recipe.retool.dev.mini_task import KINDS, generate, write_sources
@@ -57,8 +58,8 @@ def test_tool_share_bounds(tmp_path):
         write_sources(tmp_path, tool_share=1.5)
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_asking_for_more_problems_than_exist_is_an_error_not_a_hang():
-    import pytest
 
     with pytest.raises(ValueError, match="distinct problems"):
         generate(0, {"test": 10**6})

@@ -103,6 +103,7 @@ def test_the_launch_carries_them_and_says_so(tiny_model_dir, sample_data, tmp_pa
     assert len(started) == 1 and "retool.kernels='fastest'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_cli_and_dry_run_report_this_machine(tiny_model_dir, sample_data, tmp_path):
     expected = choose("auto", KernelEnvironment.probe()).describe()
     proc = subprocess.run([sys.executable, "-m", "recipe.retool.perf.kernels"], capture_output=True, text=True)

@@ -215,6 +215,7 @@ def _sft_losses(model, data_dir, out, name, config, steps, extra) -> dict[int, f
     return {step: m["train/loss"] for step, m in read_metrics(run_dir(out / name, "sft", name)).items() if "train/loss" in m}
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_verl_sft_trainer_packed_and_fused_match_padded_sdpa(tiny_model_dir, sample_data, tmp_path):
     """verl's SFT trainer (CPU platform): packed micro-batches through ``retool_packed``, and verl's
     fused log-prob path (retool.kernels; torch backend here), give the same per-step losses as padded

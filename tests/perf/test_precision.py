@@ -136,6 +136,7 @@ def test_the_cpu_flags_decide(tmp_path, monkeypatch):
         CpuBf16.probe()
 
 
+@pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_the_launch_says_it_in_one_line_and_runs_fp32(tiny_model_dir, sample_data):
     data_dir = sample_data["rl"].parent.parent
     cmd = [sys.executable, "-m", "recipe.retool.train", "grpo", str(tiny_model_dir), str(data_dir), "/tmp/o", "x",
