@@ -50,5 +50,5 @@ def test_the_pipeline_and_the_cloud_plan_run_the_same_commands():
     local = commands(exp, Layout(data=launcher.DATA_DIR, checkpoints=launcher.CKPT_DIR, models=launcher.MODELS_DIR))
     plan = launcher.plan(exp)
     assert plan["prep_dataset"]["commands"] == [local["data"], *local["prefilter"]]
-    assert plan["train"]["commands"] == [local["sft"]] and plan["train_grpo"]["commands"] == [local["grpo"]]
+    assert plan["train_sft"]["commands"] == [local["sft"]] and plan["train_grpo"]["commands"] == [local["grpo"]]
     assert plan["evaluate"]["commands"][1][:4] == local["eval"]("x", "y")[:4]

@@ -59,7 +59,7 @@ def test_every_documented_modal_function_exists():
     import recipe.retool.cloud.modal_app as app
 
     names = _found(r"modal_app\.py::(\w+)")
-    assert {"train", "train_grpo", "evaluate", "smoke", "dry_run"} <= set(names)
+    assert {"train_sft", "train_grpo", "evaluate", "smoke", "dry_run"} <= set(names)
     assert not [n for n in names if not isinstance(getattr(app, n, None), (modal.Function, LocalEntrypoint))]
 
 

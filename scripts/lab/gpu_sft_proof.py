@@ -294,8 +294,9 @@ def main() -> None:
                              "resumed_from_checkpoint": min(resumed["steps_logged"] or [0]) == args.steps + 1}
         last = exp_dir / f"global_step_{args.steps + 2}"
         merged = out / "merged_hf"
-        subprocess.run([sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-                        "--local_dir", str(last), "--target_dir", str(merged)], check=True)
+        from recipe.retool.stages import merge_command
+
+        subprocess.run(merge_command(last, merged, python=sys.executable), check=True)
         from transformers import AutoModelForCausalLM
 
         m = AutoModelForCausalLM.from_pretrained(str(merged))

@@ -188,7 +188,7 @@ def test_env_file_secrets_never_reach_commands_or_logs(tmp_path):
 def test_dry_run_cli_prints_every_function(capsys):
     assert launcher.main(["--dry-run", "--config", str(REPO / "config" / "experiments" / "default.yaml")]) == 0
     out = capsys.readouterr().out
-    for fn in ("prep_dataset", "download_model", "train", "train_grpo", "evaluate", "pipeline", "list_checkpoints",
+    for fn in ("prep_dataset", "download_model", "train_sft", "train_grpo", "evaluate", "pipeline", "list_checkpoints",
                "merge_checkpoint", "check_sandbox_connection", "smoke", "list_models"):
         assert f"[{fn}]" in out
     assert '"gpu": "H100:8"' in out and "retool-checkpoints-default-qwen25-7b-retool" in out
@@ -201,7 +201,7 @@ def test_modal_apps_import_with_the_real_package_and_register_every_function():
     import recipe.retool.cloud.modal_app as m
     import recipe.retool.cloud.modal_sandbox as s
 
-    for name in ("prep_dataset", "download_model", "train", "train_grpo", "train_dapo", "evaluate", "pipeline",
+    for name in ("prep_dataset", "download_model", "train_sft", "train_grpo", "train_dapo", "evaluate", "pipeline",
                  "list_checkpoints", "merge_checkpoint", "check_sandbox_connection", "smoke", "list_models"):
         assert isinstance(getattr(m, name), modal.Function), name
     assert isinstance(s.sandbox, modal.Function)
@@ -322,7 +322,7 @@ def test_modal_apps_get_the_store_secrets_of_the_config(tmp_path):
     store = ["modal.Secret.from_name('retool-keys')", "modal.Secret.from_name('team-hf')"]
     local, container = runs["local"], runs["container"]
     with_secrets = {n for n, s in local["fns"].items() if s}
-    assert {"train", "train_grpo", "evaluate", "smoke", "check_sandbox_connection"} <= with_secrets
+    assert {"train_sft", "train_grpo", "evaluate", "smoke", "check_sandbox_connection"} <= with_secrets
     for name in with_secrets:
         assert local["fns"][name] == [*store, "Secret.from_dict([HF_TOKEN, RETOOL_SANDBOX_TOKEN])"], name
         assert container["fns"][name] == [*store, "Secret.from_dict([])"], name  # same sources, values stay local

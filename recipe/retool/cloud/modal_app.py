@@ -3,7 +3,7 @@
     modal deploy recipe/retool/cloud/modal_sandbox.py                      # once: the sandbox web endpoint
     modal run recipe/retool/cloud/modal_app.py::download_model
     modal run recipe/retool/cloud/modal_app.py::prep_dataset
-    modal run recipe/retool/cloud/modal_app.py::train                      # SFT, 8 GPUs
+    modal run recipe/retool/cloud/modal_app.py::train_sft                  # SFT, 8 GPUs
     modal run recipe/retool/cloud/modal_app.py::train_grpo                 # GRPO from the latest SFT checkpoint
     modal run recipe/retool/cloud/modal_app.py::evaluate
     modal run recipe/retool/cloud/modal_app.py::pipeline                   # SFT → GRPO → eval
@@ -157,11 +157,11 @@ def _train_sft(extra: list[str] | None = None) -> None:
 
 
 if EXP.nodes > 1:  # multi-node SFT: a Modal cluster, one container per node, torchrun across them
-    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
-                         name="train")(modal.experimental.clustered(size=EXP.nodes)(_train_sft))
+    train_sft = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
+                         name="train_sft")(modal.experimental.clustered(size=EXP.nodes)(_train_sft))
 else:
-    train = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
-                         name="train")(_train_sft)
+    train_sft = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
+                         name="train_sft")(_train_sft)
 
 
 def _train_grpo(sft_checkpoint: str | None = None, extra: list[str] | None = None) -> None:
@@ -223,7 +223,7 @@ def pipeline() -> None:
     """The stages of ``python -m recipe.retool.pipeline``, chained: data and prefilter, SFT, GRPO,
     evaluation (each on its own containers; the merges happen where a stage reads a checkpoint)."""
     prep_dataset.remote()
-    train.remote()
+    train_sft.remote()
     train_grpo.remote()
     evaluate.remote()
 
