@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from recipe.retool.experiment import ConfigError, Experiment, Layout, commands, load_experiment
@@ -209,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out).resolve()
     gpus = gpu_count()
-    pipe = Pipeline(exp, out, min(gpus, exp.gpus) if gpus else 0)
+    if gpus and gpus < exp.gpus:  # train and serve on the GPUs this node has
+        print(f"note: the experiment asks for {exp.gpus} GPUs, this node has {gpus}: gpus={gpus}", file=sys.stderr)
+        exp = replace(exp, gpus=gpus)
+    pipe = Pipeline(exp, out, gpus)
     if args.dry_run:
         c = pipe.cmds
         for name, cmds in (("data", [c["data"]]), ("prefilter", c["prefilter"]), ("sft", [c["sft"]]),

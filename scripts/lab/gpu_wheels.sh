@@ -5,7 +5,7 @@
 # a 64 MiB limit). On the GPU machine:
 #   cat .whl2/ray.part-* .whl3/ray.part-* > ray.whl && pip install --no-deps --target /tmp/site .whl/*.whl ray.whl
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 plat=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64

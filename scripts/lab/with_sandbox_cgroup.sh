@@ -16,7 +16,7 @@
 #       'python3 scripts/lab/bench_sandbox.py --url $SANDBOX_URL --server-pid $SANDBOX_PID --clients 4'
 set -euo pipefail
 workers=${1:?workers}; fronts=${2:?fronts}; port=${3:?port}; shift 3
-cd "$(dirname "$0")/.."  # the project root: `python3 -m recipe.retool.sandbox` from here
+cd "$(dirname "$0")/../.."  # the project root: `python3 -m recipe.retool.sandbox` from here
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log=${SANDBOX_LOG:-sandbox.log}
 [ -f /sys/fs/cgroup/cgroup.controllers ] || { echo "no cgroup v2 at /sys/fs/cgroup: start the server directly"; exit 2; }
