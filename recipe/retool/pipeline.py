@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if gpus and gpus < exp.gpus:  # train and serve on the GPUs this node has
         print(f"note: the experiment asks for {exp.gpus} GPUs, this node has {gpus}: gpus={gpus}", file=sys.stderr)
         exp = replace(exp, gpus=gpus)
-    pipe = Pipeline(exp, out, gpus)
+    pipe = Pipeline(exp, out, min(gpus, exp.gpus))
     if args.dry_run:
         c = pipe.cmds
         for name, cmds in (("data", [c["data"]]), ("prefilter", c["prefilter"]), ("sft", [c["sft"]]),
