@@ -147,14 +147,11 @@ def run_logged(cmd: list[str], log: Path, env: dict, label: str, total_steps: in
     return rc, time.time() - start
 
 
-# On the CPU the hf_dev server, the actor and the reference all compute in fp32 (verl's default is
-# bf16, which recipe.retool.perf.precision keeps where the CPU has it natively), so the rollout-vs-actor
-# agreement measures the plumbing (weights synced, log-probs aligned with tokens), not bf16 rounding.
-# The taught model is near-certain of most tokens, so with bf16 on one side the Pearson correlation of
-# the probabilities is ill-conditioned (0.90 at a max difference of 0.004 on one seed); in fp32 the
-# difference is ~1e-6.
-CPU_FP32 = [*(f"+actor_rollout_ref.{role}.fsdp_config.mixed_precision.param_dtype=fp32" for role in ("actor", "ref")),
-            "actor_rollout_ref.rollout.dtype=float32"]
+# On the CPU the hf_dev server, the actor and the reference all compute in fp32 (retool_grpo_debug_cpu's
+# CPU mixin asks for it; verl's default is bf16), so the rollout-vs-actor agreement measures the
+# plumbing (weights synced, log-probs aligned with tokens), not bf16 rounding. The taught model is
+# near-certain of most tokens, so with bf16 on one side the Pearson correlation of the probabilities
+# is ill-conditioned (0.90 at a max difference of 0.004 on one seed); in fp32 the difference is ~1e-6.
 # A learning rate that visibly moves the tiny policy in one step (the template's 1e-6 barely does), so
 # that a rollout copy left on stale weights after the sync or the resume cannot pass for on-policy.
 VISIBLE_STEP = ["actor_rollout_ref.actor.optim.lr=1e-3"]
@@ -247,7 +244,7 @@ def main() -> None:
         progress(f"taught: {summary['teach']}")
     config_name = "retool_grpo_debug" if args.device == "gpu" else "retool_grpo_debug_cpu"
     config = str(PACKAGE_DIR / "dev" / "config" / f"{config_name}.yaml")
-    overrides = VISIBLE_STEP + ([] if args.device == "gpu" else CPU_FP32) + (packed_overrides() if args.attention == "retool_packed" else [])
+    overrides = VISIBLE_STEP + (packed_overrides() if args.attention == "retool_packed" else [])
     overrides += args.extra
     if args.sandbox_url:
         sandbox_url, sandbox = args.sandbox_url.rstrip("/"), None
