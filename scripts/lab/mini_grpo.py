@@ -52,7 +52,8 @@ REPLY = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(
 KEYS = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref", "timing_s/update_actor",
         "timing_s/update_weights", "timing_s/save_checkpoint", "critic/score/mean", "critic/score/max",
         "num_turns/mean", "response_length/mean", "actor/grad_norm", "actor/pg_loss",
-        "training/rollout_probs_diff_max", "training/rollout_actor_probs_pearson_corr"]
+        "training/rollout_probs_diff_max", "training/rollout_actor_probs_pearson_corr",
+        "reward/verify_timeouts"]
 SERVER_LINE = re.compile(r"hf_dev server stats: (\{.*\})")
 
 

@@ -19,15 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_curve_comes_from_verls_metrics_file_and_rollout_dumps(tmp_path):
     records = [{"step": 1, "data": {"critic/score/mean": -0.5, "num_turns/mean": 3.5, "timing_s/step": 9.1}},
-               {"step": 2, "data": {"critic/score/mean": 0.25, "num_turns/mean": 4.0}},
+               {"step": 2, "data": {"critic/score/mean": 0.25, "num_turns/mean": 4.0, "reward/verify_timeouts": 1.0}},
                {"step": 2, "data": {"val-core/aime24/acc/mean@4": 0.625}}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     metrics = read_metrics(tmp_path)
     assert metrics[1]["critic/score/mean"] == -0.5 and metrics[2]["val-core/aime24/acc/mean@4"] == 0.625
-    (tmp_path / "2.jsonl").write_text("".join(json.dumps({"score": s, "verify_timed_out": float(s == -0.9)}) + "\n" for s in (1.0, -1.0, -0.9, 1.0)))
+    (tmp_path / "2.jsonl").write_text("".join(json.dumps({"score": s}) + "\n" for s in (1.0, -1.0, -0.9, 1.0)))
     curve = grpo_curve(metrics, tmp_path)
     assert [p["step"] for p in curve] == [1, 2] and "acc" not in curve[0] and curve[1]["acc"] == 0.5
-    assert curve[1]["verify_timeouts"] == 1
+    assert "verify_timeouts" not in curve[0] and curve[1]["verify_timeouts"] == 1
 
 
 def run_pipeline(args: list[str], log: Path, timeout: float) -> int:

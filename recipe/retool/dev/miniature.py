@@ -299,8 +299,9 @@ class Miniature:
 
 
 def grpo_curve(metrics: dict[int, dict[str, float]], rollouts: Path) -> list[dict[str, float]]:
-    """Per training step: mean reward, accuracy (share of rollouts scored 1.0, i.e. correct), turns and
-    the reward's symbolic checks that timed out (from verl's rollout dumps)."""
+    """Per training step: mean reward, turns and the reward's symbolic checks that timed out (verl's
+    metrics; the count comes from the recipe's verl plugin), and accuracy (share of rollouts scored
+    1.0, i.e. correct, from verl's rollout dumps)."""
     curve = []
     for step in sorted(metrics):
         m = metrics[step]
@@ -311,8 +312,8 @@ def grpo_curve(metrics: dict[int, dict[str, float]], rollouts: Path) -> list[dic
         if dump.exists():
             rows = [json.loads(line) for line in dump.open()]
             point["acc"] = sum(r["score"] >= 1.0 for r in rows) / len(rows) if rows else float("nan")
-            # reward checks that ran past reward_kwargs.verify_timeout (judged wrong)
-            point["verify_timeouts"] = int(sum(r.get("verify_timed_out", 0) for r in rows))
+        if "reward/verify_timeouts" in m:  # reward checks past reward_kwargs.verify_timeout (judged wrong)
+            point["verify_timeouts"] = int(m["reward/verify_timeouts"])
         curve.append(point)
     return curve
 
@@ -372,8 +373,10 @@ def write_mini_report(out: Path, s: MiniSettings, stages: Sequence[Stage], resul
         if val:
             head.append(f"- {name}: training-time validation accuracy (verl, same split and sampling) "
                         + ", ".join(f"step {k}: {100 * v:.1f}%" for k, v in sorted(val.items(), key=lambda kv: int(kv[0]))))
-        late = sum(p.get("verify_timeouts", 0) for p in data["curve"])
-        head.append(f"- {name}: reward checks past their time limit (judged wrong): {late} over {len(data['curve'])} steps")
+        counted = [p["verify_timeouts"] for p in data["curve"] if "verify_timeouts" in p]
+        head.append(f"- {name}: reward checks past their time limit (judged wrong): "
+                    + (f"{sum(counted)} over {len(counted)} steps" if counted
+                       else "not counted (the recipe's verl plugin was not loaded: install the package)"))
     return write_report(out, "ReTool miniature: report card", stages, head,
                         {"settings": asdict(s), "results": results}, seconds)
 
