@@ -127,6 +127,10 @@ def test_sampling_and_budgets_default_to_the_grpo_configs_validation():
     up = EvalConfig(model="m", output="o.json", config="retool_grpo_upstream", max_turns=3,
                     config_overrides=["data.max_response_length=1000"]).resolved()
     assert (up.max_tokens, up.max_turns) == (1000, 3)
+    with pytest.raises(EvalError, match="--config nosuch: cannot read the GRPO config"):
+        EvalConfig(model="m", output="o.json", config="nosuch").resolved()
+    with pytest.raises(EvalError, match="data.max_respons_length=1"):
+        EvalConfig(model="m", output="o.json", config_overrides=["data.max_respons_length=1"]).resolved()
 
 
 def test_the_cli_names_where_each_default_comes_from(capsys):

@@ -113,8 +113,13 @@ class EvalConfig:
 
         from recipe.retool.train import compose, split_config_arg
 
-        name, config_dir = split_config_arg(self.config)
-        cfg = compose(name, list(self.config_overrides), config_dir)
+        try:
+            name, config_dir = split_config_arg(self.config)
+            cfg = compose(name, list(self.config_overrides), config_dir)
+        except Exception as exc:  # a missing config, a bad override: one line naming what was given
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EvalError(f"--config {self.config} {' '.join(self.config_overrides)}".rstrip()
+                            + f": cannot read the GRPO config the sampling and budgets default to: {first}") from None
         return replace(self, **{k: OmegaConf.select(cfg, FROM_GRPO_CONFIG[k]) for k in unset})
 
 
