@@ -54,3 +54,19 @@ def test_a_torn_last_line_is_skipped_and_the_tail_follows_the_writer(tmp_path):
         fh.write('ta": {"a": 2}}\n')
         fh.flush()
         assert tail.new() == [(2, {"a": 2.0})] and tail.new() == []
+
+
+def test_the_tail_of_a_resumed_launch_skips_the_earlier_file_and_survives_its_set_aside(tmp_path):
+    """A resumed launch's tail starts while the earlier launch's file is still there; the launch then
+    renames it (set_aside) and writes a new one, possibly between the tail's looks."""
+    path = metrics_path(tmp_path)
+    _write(path, [{"step": 1, "data": {"a": 1}}, {"step": 2, "data": {"a": 2}}])
+    tail = MetricsTail(path)
+    assert tail.new() == []  # the earlier launch's records are not news
+    set_aside(path)
+    assert tail.new() == []  # the file is gone for a moment: no error
+    _write(path, [{"step": 3, "data": {"a": 3}}])
+    assert tail.new() == [(3, {"a": 3.0})]  # read from the top of the new file, not the old offset
+    with path.open("a") as fh:
+        fh.write(json.dumps({"step": 4, "data": {"a": 4}}) + "\n")
+    assert tail.new() == [(4, {"a": 4.0})] and tail.new() == []

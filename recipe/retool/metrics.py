@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -92,16 +93,38 @@ def read_metrics(path: str | Path) -> dict[int, dict[str, float]]:
 
 class MetricsTail:
     """Follows a run's ``metrics.jsonl`` while it is written: :meth:`new` returns the complete
-    records that arrived since the last call (for progress lines)."""
+    records that arrived since the last call (for progress lines).
+
+    A file already there when the tail starts belongs to an earlier launch, which the new launch
+    sets aside (:func:`set_aside`) once it starts: its records are not news, and the file may be
+    renamed between two looks at it. The tail follows the file by identity (device and inode),
+    so it starts again at the top of each new file."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._offset = 0
+        self._stale = self._identity()
+        self._current = None
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
 
     def new(self) -> list[tuple[int, dict[str, float]]]:
-        if not self.path.exists():
+        try:
+            fh = self.path.open("rb")
+        except FileNotFoundError:  # not written yet, or being set aside right now
             return []
-        with self.path.open("rb") as fh:
+        with fh:
+            st = os.fstat(fh.fileno())
+            identity = (st.st_dev, st.st_ino)
+            if identity == self._stale:
+                return []
+            if identity != self._current:
+                self._current, self._offset = identity, 0
             fh.seek(self._offset)
             data = fh.read()
         complete = data[: data.rfind(b"\n") + 1]
