@@ -24,7 +24,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,6 +326,28 @@ def environment(cfg, stage: str) -> dict[str, str]:
     return env
 
 
+def ray_cluster_overrides(cfg, env: Mapping[str, str]) -> list[str]:
+    """GRPO on a running Ray cluster (``RAY_ADDRESS`` set, as :mod:`recipe.retool.cluster` does).
+
+    - ``ray.init`` refuses ``num_cpus`` / ``num_gpus`` when it connects to a cluster, whose nodes
+      declared their resources when they joined: the config's values (the miniature's logical slots)
+      are dropped.
+    - The workers are children of each node's ``ray start``, not of this process: the variables this
+      launch sets for them (``env``'s entries that differ from this process's environment: the
+      sandbox URL, the metrics file, the config's ``retool.env``) go in Ray's job environment instead.
+      Secrets are not among them: they reach the workers from the environment ``ray start`` ran in."""
+    if not env.get("RAY_ADDRESS"):
+        return []
+    init = cfg.ray_kwargs.get("ray_init") or {}
+    out = [f"ray_kwargs.ray_init.{key}=null" for key in ("num_cpus", "num_gpus") if init.get(key) is not None]
+    added = {k: v for k, v in env.items() if os.environ.get(k) != v and k != "RAY_ADDRESS"}
+    return out + [f"++ray_kwargs.ray_init.runtime_env.env_vars.{k}={_hydra_quote(v)}" for k, v in sorted(added.items())]
+
+
+def _hydra_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _verl_version() -> str:
     from importlib.metadata import version
 
@@ -384,8 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if attention_overrides or kernel_overrides or precision.overrides:
-        overrides += attention_overrides + kernel_overrides + precision.overrides
+    cluster_overrides = ray_cluster_overrides(cfg, environment(cfg, args.stage)) if args.stage == "grpo" else []
+    if attention_overrides or kernel_overrides or precision.overrides or cluster_overrides:
+        overrides += attention_overrides + kernel_overrides + precision.overrides + cluster_overrides
         cfg = compose(config_name, overrides, config_dir)
     attention_line = f"attention: {attention.implementation} ({attention.reason})"
     if kernels.problem:
