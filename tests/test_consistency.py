@@ -264,3 +264,37 @@ async def test_the_agent_loop_tells_the_turn_limit_from_the_length_limit(grpo_cf
     _, record = await run_loop(cfg, dev_tokenizer, [opened], monkeypatch)
     assert (record["cut"], record["invalid_turns"]) == (CUT_LENGTH, 0)
     assert record["drift_checked"] and record["drift"] is None  # a cut turn is a prefix of the render
+
+
+# ----------------------------------------------------------------------------- the report card
+
+
+def test_a_runs_consistency_summary_and_report_card_rows(tmp_path):
+    from recipe.retool.dev.miniature import consistency_rows
+
+    c = "consistency/"
+    steps = {1: {"critic/score/mean": 0.1, c + "logprob_diff/mean": 1e-6, c + "logprob_diff/max": 4e-5,
+                 c + "logprob_diff/share_above_tol": 0.0, c + "token_drift/checked": 64.0, c + "token_drift/mismatched": 0.0,
+                 c + "tool_calls/per_trajectory": 0.5, c + "tool_calls/invalid_turn_share": 0.1,
+                 c + "cut/turn_limit_share": 0.0, c + "cut/length_limit_share": 0.25},
+             2: {"critic/score/mean": 0.2, c + "logprob_diff/mean": 3e-6, c + "logprob_diff/max": 2e-5,
+                 c + "logprob_diff/share_above_tol": 0.0, c + "token_drift/checked": 64.0, c + "token_drift/mismatched": 1.0,
+                 c + "tool_calls/per_trajectory": 1.5, c + "tool_calls/invalid_turn_share": 0.0,
+                 c + "cut/turn_limit_share": 0.5, c + "cut/length_limit_share": 0.25},
+             3: {"val-core/x/acc/mean@4": 0.5}}  # a validation-only record
+    summary = consistency.run_summary(steps)
+    assert summary["steps"] == 2 and summary["logprob_diff/max"] == 4e-5
+    assert summary["logprob_diff/mean"] == pytest.approx(2e-6) and summary["token_drift/checked"] == 128.0
+    assert summary["token_drift/mismatched"] == 1.0 and summary["tool_calls/per_trajectory"] == 1.0
+    assert consistency.run_summary({1: {"critic/score/mean": 0.0}}) == {}
+
+    assert consistency.first_drift(tmp_path) is None
+    drift = {"step": 2, "position": 300, "where": "context", "rollout": "a⟦b", "template": "a⟦\nb", "retokenized": False}
+    (tmp_path / consistency.DRIFT_FILE).write_text(json.dumps(drift) + "\n" + json.dumps({**drift, "step": 5}) + "\n")
+    assert consistency.first_drift(tmp_path) == drift
+
+    rows = consistency_rows("grpo", {"summary": summary, "first_drift": drift})
+    assert len(rows) == 3 and "max 4.00e-05" in rows[0] and "above the tolerance 0.00%" in rows[0]
+    assert "1 of 128 checked trajectories; first at step 2, token 300 (context)" in rows[1]
+    assert "tool calls per trajectory 1.00" in rows[2] and "turn limit 25.0%" in rows[2]
+    assert "not measured" in consistency_rows("grpo", {})[0]

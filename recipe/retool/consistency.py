@@ -297,3 +297,39 @@ def records_of(extra_fields: Iterable[Any]) -> list[dict]:
     """The :class:`Record` dicts among a step's trajectories' ``extra_fields`` (trajectories of
     another agent loop have none)."""
     return [f[RECORD_KEY] for f in extra_fields if isinstance(f, dict) and isinstance(f.get(RECORD_KEY), dict)]
+
+
+# ----------------------------------------------------------------------------- over a run
+
+
+def run_summary(steps: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """A run's consistency from its steps' metrics: the worst log-prob gap and the mean one, drift
+    counts summed, tool-call shares averaged over steps. Empty when no step has the metrics."""
+    rows = [m for _, m in sorted(steps.items()) if any(k.startswith(f"{PREFIX}/") for k in m)]
+    if not rows:
+        return {}
+
+    def values(key: str) -> list[float]:
+        return [m[f"{PREFIX}/{key}"] for m in rows if f"{PREFIX}/{key}" in m]
+
+    out: dict[str, float] = {"steps": float(len(rows))}
+    for key, how in (("logprob_diff/mean", "mean"), ("logprob_diff/max", "max"), ("logprob_diff/share_above_tol", "mean"),
+                     ("token_drift/checked", "sum"), ("token_drift/mismatched", "sum"), ("token_drift/noncanonical", "sum"),
+                     ("tool_calls/invalid_turn_share", "mean"), ("tool_calls/per_trajectory", "mean"),
+                     ("cut/turn_limit_share", "mean"), ("cut/length_limit_share", "mean")):
+        if v := values(key):
+            out[key] = {"mean": sum(v) / len(v), "max": max(v), "sum": sum(v)}[how]
+    return out
+
+
+def first_drift(run_dir) -> dict | None:
+    """The first token drift a run wrote (``token_drift.jsonl`` beside its metrics), or None."""
+    from pathlib import Path
+
+    path = Path(run_dir) / DRIFT_FILE
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        if line.strip():
+            return json.loads(line)
+    return None

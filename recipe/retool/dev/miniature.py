@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.retool import PACKAGE_DIR
+from recipe.retool.consistency import first_drift, run_summary
 from recipe.retool.metrics import MetricsTail, metrics_path, read_metrics
 from recipe.retool.settings import SANDBOX_URL_ENV
 from recipe.retool.stages import (
@@ -237,7 +238,9 @@ class Miniature:
         val = {step: {k: v for k, v in m.items() if k.startswith("val-core/") and "/acc/mean@" in k}
                for step, m in metrics.items()}
         val = {step: next(iter(v.values())) for step, v in val.items() if v}
-        (self.out / f"{name}_curve.json").write_text(json.dumps({"curve": curve, "val_acc": val}, indent=2))
+        checks = {"summary": run_summary(metrics), "first_drift": first_drift(run_dir(self.out / "ckpt", "grpo", experiment))}
+        (self.out / f"{name}_curve.json").write_text(json.dumps({"curve": curve, "val_acc": val, "consistency": checks},
+                                                                indent=2))
         return Stage(name, "done", detail=f"verl main_ppo → {self.out / 'ckpt' / 'grpo-experiments' / experiment}",
                      figures={"steps": len(curve), "val acc before": val.get(0), "val acc after": val.get(self.s.grpo_steps),
                               "train acc first→last": f"{curve[0]['acc']:.2f}→{curve[-1]['acc']:.2f}" if curve else "—"})
@@ -377,8 +380,35 @@ def write_mini_report(out: Path, s: MiniSettings, stages: Sequence[Stage], resul
         head.append(f"- {name}: reward checks past their time limit (judged wrong): "
                     + (f"{sum(counted)} over {len(counted)} steps" if counted
                        else "not counted (the recipe's verl plugin was not loaded: install the package)"))
+        head += consistency_rows(name, data.get("consistency") or {})
     return write_report(out, "ReTool miniature: report card", stages, head,
                         {"settings": asdict(s), "results": results}, seconds)
+
+
+def consistency_rows(name: str, checks: dict[str, Any]) -> list[str]:
+    """The report card's consistency lines of one GRPO run (recipe/retool/consistency.py; targets in
+    docs/miniature.md): rollout vs trainer log-probs, token drift, tool-call health."""
+    c, drift = checks.get("summary") or {}, checks.get("first_drift")
+    if not c:
+        return [f"- {name}: consistency not measured (the recipe's verl plugin was not loaded: install the package)"]
+    rows = []
+    if "logprob_diff/max" in c:
+        rows.append(f"- {name}: rollout vs trainer log-probs, |Δ| on generated tokens over {c['steps']:.0f} steps: "
+                    f"mean {c['logprob_diff/mean']:.2e}, max {c['logprob_diff/max']:.2e}, "
+                    f"tokens above the tolerance {100 * c.get('logprob_diff/share_above_tol', float('nan')):.2f}%")
+    if "token_drift/checked" in c:
+        line = (f"- {name}: token drift against the chat template: {c['token_drift/mismatched']:.0f} of "
+                f"{c['token_drift/checked']:.0f} checked trajectories")
+        if drift:
+            line += (f"; first at step {drift['step']}, token {drift['position']} ({drift['where']}): rollout "
+                     f"`{drift['rollout']!r}`, template `{drift['template']!r}`")
+        rows.append(line)
+    if "tool_calls/per_trajectory" in c:
+        rows.append(f"- {name}: tool calls per trajectory {c['tool_calls/per_trajectory']:.2f}, assistant turns with an "
+                    f"invalid call {100 * c['tool_calls/invalid_turn_share']:.1f}%, trajectories cut by the turn limit "
+                    f"{100 * c['cut/turn_limit_share']:.1f}% and by the length limit {100 * c['cut/length_limit_share']:.1f}% "
+                    f"(means over steps)")
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
