@@ -1,5 +1,6 @@
 """verl's real GRPO loop (main_ppo, v1 trainer) in miniature on CPU: our template, tool, sandbox and
-reward, with the transformers rollout backend and the CPU platform plugin (scripts/lab/mini_grpo.py)."""
+reward, with the transformers rollout backend and the CPU platform plugin (scripts/lab/mini_grpo.py);
+the recipe's consistency metrics in every step's metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from recipe.retool.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +40,22 @@ def test_mini_grpo_trains_checkpoints_and_resumes_on_cpu(tmp_path):
         # the recipe's verl plugin: the reward's late checks counted in each step's metrics (none here)
         assert step["reward/verify_timeouts"] == 0.0
         assert run["rollout_server"] and run["rollout_server"][0]["requests"] > 0
+
+    # the consistency metrics of every step (recipe/retool/consistency.py), from verl's metrics file
+    steps = read_metrics(tmp_path / "ckpt" / "grpo-experiments" / "mini")
+    assert sorted(steps) == [1, 2]
+    for step in steps.values():
+        # log-probs: hf_dev and the actor both in fp32 on the CPU agree to rounding on every token
+        assert step["consistency/logprob_diff/max"] < 1e-3 and step["consistency/logprob_diff/mean"] < 1e-4
+        assert step["consistency/logprob_diff/share_above_tol"] == 0.0
+        # token drift: every trajectory checked (drift_sample ≥ the step's trajectories), none drifts
+        assert step["consistency/token_drift/checked"] > 0 and step["consistency/token_drift/mismatched"] == 0.0
+        assert "consistency/token_drift/first_position" not in step
+        # tool-call health: the taught model calls the tool; every share is logged
+        assert step["consistency/tool_calls/per_trajectory"] > 0
+        assert 0.0 <= step["consistency/tool_calls/invalid_turn_share"] <= 1.0
+        assert {"consistency/cut/turn_limit_share", "consistency/cut/length_limit_share"} <= set(step)
+    assert not (tmp_path / "ckpt" / "grpo-experiments" / "mini" / "token_drift.jsonl").exists()
 
 
 def test_help_states_its_defaults():
