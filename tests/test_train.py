@@ -229,3 +229,27 @@ def test_no_config_is_more_than_three_of_our_files_deep():
     depths = {p.stem: depth(p.stem, p.parent) for d in (CONFIG_DIR, DEV_CONFIG_DIR) for p in d.glob("*.yaml")}
     assert depths["mini_grpo"] == 3 and depths["retool_grpo_template"] == 1  # the walk sees the chain
     assert max(depths.values()) <= 3, depths
+
+
+def test_grpo_on_a_running_ray_cluster_hands_its_environment_to_the_job(tiny_model_dir, sample_data, monkeypatch):
+    """The workers of a cluster started by `ray start` are not children of the launch: what the
+    launch decides for them travels in Ray's job environment, and ray.init gets no resources."""
+    from recipe.retool.train import environment, ray_cluster_overrides
+
+    cpu = str(DEV_CONFIG_DIR / "retool_grpo_debug_cpu.yaml")
+    cfg = grpo_cfg(tiny_model_dir, sample_data, cpu, ["retool.sandbox_url=http://sb:8080"])
+    monkeypatch.setenv("RETOOL_SANDBOX_URL", "http://sb:8080")  # the same value in this process changes nothing
+    env = environment(cfg, "grpo")
+    assert ray_cluster_overrides(cfg, {**env, "RAY_ADDRESS": "local"}) == []
+    got = ray_cluster_overrides(cfg, {**env, "RAY_ADDRESS": "10.0.0.1:6379"})
+    assert "ray_kwargs.ray_init.num_cpus=null" in got and "ray_kwargs.ray_init.num_gpus=null" in got
+    forwarded = dict(o.removeprefix("++ray_kwargs.ray_init.runtime_env.env_vars.").split("=", 1) for o in got if o.startswith("++"))
+    assert forwarded["RETOOL_SANDBOX_URL"] == "'http://sb:8080'"
+    assert forwarded["VERL_FILE_LOGGER_PATH"].endswith("metrics.jsonl'")
+    assert not any(k in forwarded for k in ("HF_TOKEN", "WANDB_API_KEY", "RAY_AUTH_TOKEN", "HOME"))
+    # Hydra reads the overrides back to the same values
+    composed = grpo_cfg(tiny_model_dir, sample_data, cpu, ["retool.sandbox_url=http://sb:8080", *got])
+    job = composed.ray_kwargs.ray_init
+    assert job.num_cpus is None and job.num_gpus is None
+    assert job.runtime_env.env_vars["RETOOL_SANDBOX_URL"] == "http://sb:8080"
+    assert job.runtime_env.env_vars["VERL_PLATFORM"] == "cpu"  # the config's own entries stay

@@ -4,9 +4,9 @@
     python -m recipe.retool.cluster --launcher torchrun --rank R --addresses A0,A1,... -- COMMAND ...
 
 Run it once on every node, each with its own ``--rank`` and the same ``--addresses`` (every node's
-address, rank 0's first: what Modal's clustered containers are told, ``cluster_info.container_ips``).
-The cloud path (``recipe/retool/cloud/modal_app.py``) calls :func:`run` with that information; on
-machines of one's own, the same command with the ranks written out does the same.
+address, rank 0's first: what a Modal cluster tells its containers). The cloud path runs this
+command in each container of a cluster (``recipe.retool.cloud.launcher.node_command``); on machines
+of one's own, the same command with the ranks written out does the same.
 
 - ``ray`` (GRPO): rank 0 starts the Ray head and waits until every node has joined, then runs
   COMMAND with ``RAY_ADDRESS`` pointing at the head, so verl's trainer drives the whole cluster
@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,11 +72,6 @@ class Cluster:
     def head_address(self) -> str:
         return f"{self.head}:{self.port}"
 
-    @classmethod
-    def from_modal(cls, info, port: int) -> Cluster:
-        """From ``modal.experimental.get_cluster_info()`` (``rank``, ``container_ips``)."""
-        return cls(int(info.rank), tuple(info.container_ips), port)
-
 
 def torchrun_env(cluster: Cluster) -> dict[str, str]:
     """What ``recipe.retool.train`` gives torchrun on a node of a multi-node SFT run."""
@@ -83,8 +79,12 @@ def torchrun_env(cluster: Cluster) -> dict[str, str]:
 
 
 def ray_env(cluster: Cluster, token: str) -> dict[str, str]:
-    """The environment of every Ray process of the cluster: token authentication, no usage reports."""
-    return {"RAY_AUTH_MODE": "token", TOKEN_ENV: token, "RAY_USAGE_STATS_ENABLED": "0"}
+    """The environment of every Ray process of the cluster: token authentication, no usage reports,
+    and a Ray directory of its own. Ray records the last cluster started on a machine in its
+    directory (``ray_current_cluster``) and a plain ``ray.init()`` joins it, even after it stopped:
+    kept apart, this cluster is never joined by another run on the machine, during or after."""
+    return {"RAY_AUTH_MODE": "token", TOKEN_ENV: token, "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TMPDIR": os.path.join(tempfile.gettempdir(), f"retool-ray-{cluster.port}")}
 
 
 def ray_start_command(cluster: Cluster, gpus: int | None = None, cpus: int | None = None) -> list[str]:

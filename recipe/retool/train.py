@@ -60,6 +60,8 @@ STAGES = {
 # recipe/retool/dev/config) can extend retool_sft / retool_grpo_template by name.
 SEARCHPATH = f"hydra.searchpath=[pkg://verl.trainer.config,file://{CONFIG_DIR}]"
 FILE_LOGGER_ENV = "VERL_FILE_LOGGER_PATH"  # where verl's `file` logger writes (verl/utils/tracking.py)
+# what environment() sets for the trainer's processes, besides the config's retool.env
+RECIPE_ENV = (SANDBOX_URL_ENV, FILE_LOGGER_ENV, "PYTHONUNBUFFERED", "TOKENIZERS_PARALLELISM", "SWANLAB_MODE", "WANDB_MODE")
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
 
@@ -332,16 +334,17 @@ def ray_cluster_overrides(cfg, env: Mapping[str, str]) -> list[str]:
     - ``ray.init`` refuses ``num_cpus`` / ``num_gpus`` when it connects to a cluster, whose nodes
       declared their resources when they joined: the config's values (the miniature's logical slots)
       are dropped.
-    - The workers are children of each node's ``ray start``, not of this process: the variables this
-      launch sets for them (``env``'s entries that differ from this process's environment: the
-      sandbox URL, the metrics file, the config's ``retool.env``) go in Ray's job environment instead.
-      Secrets are not among them: they reach the workers from the environment ``ray start`` ran in."""
-    if not env.get("RAY_ADDRESS"):
+    - The workers are children of each node's ``ray start``, not of this process: the variables
+      :func:`environment` decides for them (the sandbox URL, the metrics file, the loggers' modes,
+      the config's ``retool.env``) go in Ray's job environment instead. Secrets are not among them:
+      they reach the workers from the environment ``ray start`` ran in."""
+    if env.get("RAY_ADDRESS") in (None, "", "local"):  # "local": Ray starts a cluster of its own
         return []
     init = cfg.ray_kwargs.get("ray_init") or {}
     out = [f"ray_kwargs.ray_init.{key}=null" for key in ("num_cpus", "num_gpus") if init.get(key) is not None]
-    added = {k: v for k, v in env.items() if os.environ.get(k) != v and k != "RAY_ADDRESS"}
-    return out + [f"++ray_kwargs.ray_init.runtime_env.env_vars.{k}={_hydra_quote(v)}" for k, v in sorted(added.items())]
+    keys = [*RECIPE_ENV, *(cfg.retool.get("env") or {})]
+    return out + [f"++ray_kwargs.ray_init.runtime_env.env_vars.{k}={_hydra_quote(env[k])}" for k in sorted(set(keys))
+                  if k in env]
 
 
 def _hydra_quote(value: str) -> str:

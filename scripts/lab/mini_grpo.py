@@ -55,6 +55,7 @@ KEYS = ["timing_s/step", "timing_s/gen", "timing_s/old_log_prob", "timing_s/ref"
         "training/rollout_probs_diff_max", "training/rollout_actor_probs_pearson_corr",
         "reward/verify_timeouts"]
 SERVER_LINE = re.compile(r"hf_dev server stats: (\{.*\})")
+PID = re.compile(r"pid=(\d+)")
 
 
 def teach_tool_call(model_dir: Path, data: Path, steps: int, device: str) -> dict:
@@ -109,11 +110,31 @@ def parse_steps(metrics_file: Path) -> dict[int, dict[str, float]]:
     return {step: {k: v for k, v in m.items() if k in KEYS} for step, m in records.items()}
 
 
+def _server_snapshots(log: str) -> dict[str, list[dict]]:
+    """Each hf_dev server's cumulative stats lines, by the server's process (Ray's ``pid=`` prefix)."""
+    snaps: dict[str, list[dict]] = {}
+    for line in log.splitlines():
+        if m := SERVER_LINE.search(line):
+            pid = PID.search(line[: m.start()])
+            snaps.setdefault(pid.group(1) if pid else "?", []).append(json.loads(m.group(1)))
+    return snaps
+
+
 def rollout_costs(log: str) -> list[dict[str, float]]:
-    """Per step, what the hf_dev server did between two weight syncs (its cumulative stats lines)."""
-    snaps = [json.loads(m.group(1)) for m in map(SERVER_LINE.search, log.splitlines()) if m]
-    return [{"requests": b["requests"] - a["requests"], "generated_tokens": b["generated_tokens"] - a["generated_tokens"],
-             "generate_s": round(b["generate_s"] - a["generate_s"], 3)} for a, b in itertools.pairwise(snaps)]
+    """Per step, what the hf_dev servers did between two weight syncs (summed over the replicas)."""
+    steps: list[dict[str, float]] = []
+    for snaps in _server_snapshots(log).values():
+        for i, (a, b) in enumerate(itertools.pairwise(snaps)):
+            if i == len(steps):
+                steps.append({"requests": 0, "generated_tokens": 0, "generate_s": 0.0})
+            for key in steps[i]:
+                steps[i][key] = round(steps[i][key] + b[key] - a[key], 3)
+    return steps
+
+
+def requests_per_replica(log: str) -> list[int]:
+    """How many generation requests each hf_dev server (rollout replica) answered in the launch."""
+    return [snaps[-1]["requests"] - snaps[0]["requests"] for _, snaps in sorted(_server_snapshots(log).items())]
 
 
 def code_runs(sandbox_url: str) -> int:
@@ -276,6 +297,7 @@ def main() -> None:
     summary.update({
         "config": config_name, "overrides": overrides,
         "run1": {"wall_s": round(wall1, 1), "steps": first, "rollout_server": rollout_costs(log1),
+                 "requests_per_replica": requests_per_replica(log1),
                  "sandbox_code_runs": runs_mid - runs_before},
         "phases": phase_means(first),
         "checkpoints": ckpt_dirs,
@@ -283,7 +305,8 @@ def main() -> None:
     if not args.skip_resume:
         log2 = (out / "run2.log").read_text()
         summary["run2_resumed"] = {"wall_s": round(wall2, 1), "steps": second,
-                                   "rollout_server": rollout_costs(log2), "sandbox_code_runs": runs_after - runs_mid}
+                                   "rollout_server": rollout_costs(log2),
+                                   "requests_per_replica": requests_per_replica(log2), "sandbox_code_runs": runs_after - runs_mid}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     expected_first = list(range(1, args.steps + 1))

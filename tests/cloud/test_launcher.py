@@ -456,3 +456,56 @@ def test_a_cloud_run_the_trainer_would_refuse_stops_before_any_image_is_built(tm
     proc = subprocess.run([sys.executable, "-m", "recipe.retool.cloud.launcher", "--dry-run", "sft.overrides=[]"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "would be refused at launch" in proc.stderr and not proc.stdout
+
+
+def test_a_cluster_experiment_runs_each_training_stage_through_the_cluster_runner(capsys):
+    """nodes: 2 — every container of train_sft / train_grpo runs the stage's one-node command (with
+    trainer.nnodes=2) through recipe.retool.cluster, with its rank and the cluster's addresses."""
+    from recipe.retool.cluster import main as cluster_main
+
+    exp = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["nodes=2"], environ={})
+    plan = launcher.plan(exp)
+    for fn, stage, kind, inner in (("train_sft", "sft", "torchrun", launcher.sft_command(exp)),
+                                   ("train_grpo", "grpo", "ray", launcher.grpo_command(exp))):
+        assert plan[fn]["nodes"] == 2 and "trainer.nnodes=2" in inner
+        (cmd,) = plan[fn]["commands"]
+        assert cmd[:3] == ["python", "-m", "recipe.retool.cluster"] and cmd[cmd.index("--") + 1:] == inner
+        assert cmd[cmd.index("--launcher") + 1] == kind and cmd[cmd.index("--rank") + 1] == "<rank>"
+        node = launcher.node_command(exp, stage, 1, ["10.0.0.1", "10.0.0.2"], inner)
+        assert node[3:node.index("--")] == ["--launcher", kind, "--rank", "1", "--addresses", "10.0.0.1,10.0.0.2",
+                                             "--port", "6379" if kind == "ray" else "29500",
+                                             *(["--gpus", "8"] if kind == "ray" else [])]
+        with pytest.raises(SystemExit) as parsed:  # the runner's own parser reads what the plan writes
+            cluster_main([*node[3:node.index("--")], "--help"])
+        assert parsed.value.code == 0
+    capsys.readouterr()
+    single = launcher.plan(load_experiment(REPO / "config" / "experiments" / "default.yaml", environ={}))
+    assert single["train_grpo"]["commands"][0][:3] == ["python", "-m", "recipe.retool.train"]
+
+
+def test_a_cluster_launch_shares_one_ray_token_with_its_nodes():
+    one = load_experiment(REPO / "config" / "experiments" / "default.yaml", environ={})
+    two = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["nodes=2"], environ={})
+    assert launcher.with_cluster_token(one, {"HF_TOKEN": "x"}) == {"HF_TOKEN": "x"}
+    made = launcher.with_cluster_token(two, {"HF_TOKEN": "x"})
+    assert len(made["RAY_AUTH_TOKEN"]) == 64 and made["HF_TOKEN"] == "x"
+    assert made["RAY_AUTH_TOKEN"] != launcher.with_cluster_token(two, {})["RAY_AUTH_TOKEN"]  # one per launch
+    assert launcher.with_cluster_token(two, {"RAY_AUTH_TOKEN": "mine" * 8})["RAY_AUTH_TOKEN"] == "mine" * 8
+
+
+def test_modal_clusters_the_training_functions_of_a_multi_node_experiment(tmp_path):
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text((REPO / "config" / "experiments" / "default.yaml").read_text().replace("\nnodes: 1 ", "\nnodes: 2 "))
+    # Modal keeps a function's cluster size inside its definition: record what modal.clustered is given
+    code = ("import json, modal\nsizes = {}\nreal = modal.clustered\n"
+            "def clustered(*, size, **kw):\n"
+            "    def deco(fn):\n        sizes[fn.__name__] = size\n        return real(size=size, **kw)(fn)\n    return deco\n"
+            "modal.clustered = clustered\nimport recipe.retool.cloud.modal_app as m\nprint(json.dumps(sizes))")
+    environ = {k: v for k, v in os.environ.items() if k not in launcher.FORWARDED_ENV}
+    runs = {}
+    for nodes, path in ((2, cfg), (1, REPO / "config" / "experiments" / "default.yaml")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                              env={**environ, "RETOOL_MODAL_CONFIG": str(path)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[nodes] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs == {2: {"train_sft": 2, "train_grpo": 2, "train_dapo": 2}, 1: {}}

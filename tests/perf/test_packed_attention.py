@@ -198,43 +198,27 @@ def test_verl_workers_get_it_through_the_recipes_external_lib():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("True True"), proc.stderr[-2000:]
 
 
-@pytest.mark.slow
-def _sft_losses(model, data_dir, out, name, config, steps, extra) -> dict[int, float]:
-    """Per-step losses of one run of verl's SFT trainer, from its metrics file."""
-    import subprocess
-    import sys
-
-    from recipe.retool.metrics import read_metrics
-    from recipe.retool.stages import run_dir, train_command
-
-    cmd = train_command("sft", str(model), data_dir, out / name, name, str(config),
-                        [f"trainer.total_training_steps={steps}", *extra], python=sys.executable)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return {step: m["train/loss"] for step, m in read_metrics(run_dir(out / name, "sft", name)).items() if "train/loss" in m}
-
-
 @pytest.mark.slow  # tens of seconds: a real trainer launch or a CLI in its own process
 def test_verl_sft_trainer_packed_and_fused_match_padded_sdpa(tiny_model_dir, sample_data, tmp_path):
     """verl's SFT trainer (CPU platform): packed micro-batches through ``retool_packed``, and verl's
     fused log-prob path (retool.kernels; torch backend here), give the same per-step losses as padded
     SDPA batches with full logits (scripts/lab/attention_loss_curves.py compares longer runs)."""
-    from recipe.retool import PACKAGE_DIR
+    from train_runs import MINI_SFT as config
+    from train_runs import run_sft
+
     from recipe.retool.perf.kernels import PACKED_SFT, fused_sft_overrides
     from recipe.retool.train import compose
 
     data_dir = Path(sample_data["sft"]).parents[1]
-    config = PACKAGE_DIR / "dev" / "config" / "mini_sft.yaml"
-    padded = _sft_losses(tiny_model_dir, data_dir, tmp_path, "padded", config, 3, [])
-    packed = _sft_losses(tiny_model_dir, data_dir, tmp_path, "packed", config, 3, PACKED_SFT)
+    padded = run_sft(tiny_model_dir, data_dir, tmp_path, "padded", 3)
+    packed = run_sft(tiny_model_dir, data_dir, tmp_path, "packed", 3, PACKED_SFT)
     assert sorted(padded) == sorted(packed) == [1, 2, 3]
     for step in padded:
         assert packed[step] == pytest.approx(padded[step], rel=1e-4), (padded, packed)
     # the fused path takes the log-softmax in fp32 where the default path uses the compute dtype's
     # logits, so the pair agrees this closely only in fp32 compute: what the miniature's CPU config asks
     assert compose("mini_sft", [], config.parent).engine.mixed_precision.param_dtype == "fp32"
-    fused = _sft_losses(tiny_model_dir, data_dir, tmp_path, "fused", config, 3, fused_sft_overrides("cpu"))
+    fused = run_sft(tiny_model_dir, data_dir, tmp_path, "fused", 3, fused_sft_overrides("cpu"))
     assert "Using Torch backend for fused kernels" in (tmp_path / "fused.log").read_text()  # verl patched the forward
     assert sorted(fused) == [1, 2, 3]
     for step in padded:

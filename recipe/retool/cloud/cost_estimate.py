@@ -45,16 +45,26 @@ def attention_flops(model: dict, context: float) -> float:
     return 12 * model["layers"] * model["hidden"] * context / 2
 
 
-def sft_hours(args, sft, model) -> tuple[float, float]:
-    epochs, gpus = sft.trainer.total_epochs, sft.trainer.n_gpus_per_node * sft.trainer.nnodes
+def fsdp_rate(args, gpus_per_node: int, nodes: int) -> float:
+    """FLOP/s of the FSDP passes over the whole cluster: each GPU at the training MFU, times the
+    cross-node efficiency when the parameter all-gathers and gradient reduce-scatters leave the node."""
+    return args.train_mfu * args.peak_tflops * 1e12 * gpus_per_node * nodes * (
+        args.cross_node_efficiency if nodes > 1 else 1.0)
+
+
+def sft_hours(args, sft, model, nodes: int) -> tuple[float, float]:
+    epochs = sft.trainer.total_epochs
     tokens = args.sft_conversations * args.sft_mean_tokens * epochs
     flops = tokens * (6 * model["params"] + attention_flops(model, args.sft_mean_tokens))
-    hours = flops / (args.train_mfu * args.peak_tflops * 1e12 * gpus) / 3600
+    hours = flops / fsdp_rate(args, sft.trainer.n_gpus_per_node, nodes) / 3600
     return hours, tokens
 
 
-def grpo_step_s(args, grpo, model, rollout_tok_s: float) -> dict[str, float]:
-    gpus = grpo.trainer.n_gpus_per_node * grpo.trainer.nnodes
+def grpo_step_s(args, grpo, model, rollout_tok_s: float, nodes: int) -> dict[str, float]:
+    """Seconds of each phase of one step. Generation scales with the GPU count (each node's
+    replicas decode on their own); the FSDP passes with :func:`fsdp_rate`; the per-step overhead
+    (weight sync, checkpoint, scheduling) is taken as constant."""
+    gpus = grpo.trainer.n_gpus_per_node * nodes
     trajectories = grpo.data.train_batch_size * grpo.actor_rollout_ref.rollout.n
     seq = args.mean_prompt_tokens + args.mean_response_tokens
     generated = trajectories * args.mean_response_tokens
@@ -63,7 +73,7 @@ def grpo_step_s(args, grpo, model, rollout_tok_s: float) -> dict[str, float]:
     val_per_step = val / max(1, grpo.trainer.test_freq)
     tokens = trajectories * seq
     fwd = 2 * model["params"] + attention_flops(model, seq) / 3
-    rate = args.train_mfu * args.peak_tflops * 1e12 * gpus
+    rate = fsdp_rate(args, grpo.trainer.n_gpus_per_node, nodes)
     return {
         "gen": (generated + val_per_step) / (rollout_tok_s * gpus),
         "old_log_prob + ref": 2 * tokens * fwd / rate,
@@ -84,22 +94,28 @@ def main() -> None:
     p.add_argument("--val-problems", type=int, default=30, help="AIME-2024")
     p.add_argument("--rollout-tok-s", type=float, default=8000.0, help="generated tokens/s per GPU (assumption)")
     p.add_argument("--step-overhead-s", type=float, default=15.0)
+    p.add_argument("--nodes", type=int, default=None,
+                   help="nodes of the template's n_gpus_per_node GPUs (default: the template's trainer.nnodes)")
+    p.add_argument("--cross-node-efficiency", type=float, default=0.85,
+                   help="share of the per-GPU FSDP rate kept when the collectives cross nodes (assumption)")
     p.add_argument("--usd-per-gpu-hour", type=float, default=None, help="your provider's price, for a cost line")
     args = p.parse_args()
 
     sft = OmegaConf.load(CONFIG / "retool_sft.yaml")
     grpo = OmegaConf.load(CONFIG / "retool_grpo_template.yaml")
     model = MODEL_7B
-    gpus = grpo.trainer.n_gpus_per_node * grpo.trainer.nnodes
-    print(f"model: 7.6B (Qwen2.5-7B shape); {gpus} GPUs; peak {args.peak_tflops:.0f} TFLOP/s, "
-          f"training MFU {args.train_mfu:.0%}")
+    nodes = args.nodes or grpo.trainer.nnodes
+    gpus = grpo.trainer.n_gpus_per_node * nodes
+    print(f"model: 7.6B (Qwen2.5-7B shape); {gpus} GPUs ({nodes} node(s) of {grpo.trainer.n_gpus_per_node}); "
+          f"peak {args.peak_tflops:.0f} TFLOP/s, training MFU {args.train_mfu:.0%}"
+          + (f", {args.cross_node_efficiency:.0%} of it across nodes" if nodes > 1 else ""))
 
-    s_hours, s_tokens = sft_hours(args, sft, model)
+    s_hours, s_tokens = sft_hours(args, sft, model, nodes)
     print(f"\nSFT: {args.sft_conversations} conversations x {args.sft_mean_tokens:.0f} tokens x "
           f"{sft.trainer.total_epochs} epochs = {s_tokens / 1e6:.1f} M tokens -> {s_hours * 60:.1f} min "
           f"({s_hours * gpus:.2f} GPU-hours)")
 
-    phases = grpo_step_s(args, grpo, model, args.rollout_tok_s)
+    phases = grpo_step_s(args, grpo, model, args.rollout_tok_s, nodes)
     step = sum(phases.values())
     traj = grpo.data.train_batch_size * grpo.actor_rollout_ref.rollout.n
     print(f"\nGRPO step ({grpo.data.train_batch_size} prompts x {grpo.actor_rollout_ref.rollout.n} samples = "
@@ -113,10 +129,21 @@ def main() -> None:
     print(f"  {'tok/s per GPU':>14s} {'step s':>8s} {'hours':>7s} {'GPU-hours':>10s}"
           + (f" {'USD':>8s}" if args.usd_per_gpu_hour else ""))
     for rate in (2000, 4000, 8000, 16000):
-        st = sum(grpo_step_s(args, grpo, model, rate).values())
+        st = sum(grpo_step_s(args, grpo, model, rate, nodes).values())
         hours = s_hours + st * args.grpo_steps / 3600
         usd = f" {hours * gpus * args.usd_per_gpu_hour:8.0f}" if args.usd_per_gpu_hour else ""
         print(f"  {rate:14.0f} {st:8.1f} {hours:7.1f} {hours * gpus:10.0f}{usd}")
+    print(f"\nscaling over nodes of {grpo.trainer.n_gpus_per_node} GPUs ({args.rollout_tok_s:.0f} tok/s per GPU, "
+          f"{args.cross_node_efficiency:.0%} FSDP efficiency across nodes):")
+    print(f"  {'nodes':>6s} {'GPUs':>5s} {'step s':>8s} {'speed-up':>9s} {'hours':>7s} {'GPU-hours':>10s}"
+          + (f" {'USD':>8s}" if args.usd_per_gpu_hour else ""))
+    one_node = sum(grpo_step_s(args, grpo, model, args.rollout_tok_s, 1).values())
+    for n in (1, 2, 4):
+        st = sum(grpo_step_s(args, grpo, model, args.rollout_tok_s, n).values())
+        hours = sft_hours(args, sft, model, n)[0] + st * args.grpo_steps / 3600
+        g = grpo.trainer.n_gpus_per_node * n
+        usd = f" {hours * g * args.usd_per_gpu_hour:8.0f}" if args.usd_per_gpu_hour else ""
+        print(f"  {n:6d} {g:5d} {st:8.1f} {one_node / st:8.2f}x {hours:7.1f} {hours * g:10.0f}{usd}")
     if args.usd_per_gpu_hour:
         total = (s_hours + g_hours) * gpus
         print(f"\ntotal at {args.rollout_tok_s:.0f} tok/s per GPU: {total:.0f} GPU-hours, "

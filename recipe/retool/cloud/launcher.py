@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.retool import REPO_ROOT
+from recipe.retool.cluster import RAY_PORT, TOKEN_ENV, TORCH_PORT
 from recipe.retool.experiment import (  # noqa: F401  (the experiment schema, re-exported for the Modal apps)
     DEFAULT_CONFIG,
     FORWARDED_ENV,
@@ -105,6 +106,35 @@ def prep_commands(exp: Experiment, tokenizer: str | None = None, sft_extra: Sequ
 
 def sft_command(exp: Experiment, model: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     return [*commands(exp, LAYOUT, sft_model=model)["sft"], *map(str, extra)]
+
+
+# how each training stage spreads over the nodes of a cluster (recipe/retool/cluster.py)
+CLUSTER_LAUNCHERS = {"sft": "torchrun", "grpo": "ray"}
+
+
+def node_command(exp: Experiment, stage: str, rank: int | str, addresses: Sequence[str], cmd: Sequence[str],
+                 port: int | None = None, cpus: int | None = None) -> list[str]:
+    """What one node of a cluster runs for a stage: the stage's command through
+    ``recipe.retool.cluster`` with the node's rank and every node's address (rank 0's first), as a
+    Modal cluster tells its containers; the same command on one's own machines. ``port``: the head's
+    (default Ray's or torchrun's own); ``cpus``: what a node offers Ray (default: detected)."""
+    kind = CLUSTER_LAUNCHERS[stage]
+    args = ["--launcher", kind, "--rank", str(rank), "--addresses", ",".join(addresses),
+            "--port", str(port or (RAY_PORT if kind == "ray" else TORCH_PORT))]
+    if kind == "ray":
+        args += ["--gpus", str(exp.gpus), *(["--cpus", str(cpus)] if cpus else [])]
+    return _py("recipe.retool.cluster", *args, "--", *cmd)
+
+
+def with_cluster_token(exp: Experiment, env_values: Mapping[str, str]) -> dict[str, str]:
+    """The secrets sent to the containers, with the Ray cluster's shared token when GRPO spans
+    several nodes: one random value per launch unless ``.env`` or the store gives one."""
+    out = dict(env_values)
+    if exp.nodes > 1 and not out.get(TOKEN_ENV):
+        import secrets
+
+        out[TOKEN_ENV] = secrets.token_hex(32)
+    return out
 
 
 def sft_checkpoint_root(exp: Experiment) -> str:
@@ -339,12 +369,18 @@ def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
     sandbox_url = exp.sandbox.url or f"<deployed {exp.sandbox.app_name} URL>"
     eval_out = f"{CKPT_DIR}/eval/{exp.experiment}/<checkpoint>.json"
     smoke_exp = smoke_experiment(exp)
+
+    def on_each_node(stage: str, cmd: list[str]) -> list[str]:
+        if exp.nodes == 1:
+            return cmd
+        return node_command(exp, stage, "<rank>", [f"<ip of node {i}>" for i in range(exp.nodes)], cmd)
+
     return {
         "prep_dataset": {"gpu": None, "timeout": t.prep, "commands": prep_commands(exp)},
         "download_model": {"gpu": None, "timeout": t.download,
                            "commands": [_py("recipe.retool.cloud.launcher", "--download", exp.model, model_dir(exp.model))]},
-        "train_sft": {"gpu": gpu, "nodes": exp.nodes, "timeout": t.sft, "commands": [sft_command(exp)]},
-        "train_grpo": {"gpu": gpu, "timeout": t.grpo, "commands": [grpo_command(exp)],
+        "train_sft": {"gpu": gpu, "nodes": exp.nodes, "timeout": t.sft, "commands": [on_each_node("sft", sft_command(exp))]},
+        "train_grpo": {"gpu": gpu, "nodes": exp.nodes, "timeout": t.grpo, "commands": [on_each_node("grpo", grpo_command(exp))],
                        "env": {SANDBOX_URL_ENV: sandbox_url}},
         "evaluate": {"gpu": gpu, "timeout": t.eval,
                      "commands": [serve_command(exp, "<checkpoint>/merged_hf"), eval_command(exp, eval_out, sandbox_url)]},

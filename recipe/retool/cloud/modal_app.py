@@ -50,7 +50,7 @@ VOLUMES = {launcher.DATA_DIR: data_volume, launcher.MODELS_DIR: models_volume, l
 # Secrets come from Modal's secret store (`secrets:` in the experiment config: the same names in the
 # container, where this file is imported again) and then from a local .env (read only locally; never
 # in the image, never printed), which wins on a key both set. In the container they are environment variables.
-_SECRETS = launcher.load_env(launcher.ENV_FILE) if modal.is_local() else {}
+_SECRETS = launcher.with_cluster_token(EXP, launcher.load_env(launcher.ENV_FILE)) if modal.is_local() else {}
 SECRETS = launcher.modal_secrets(EXP.secrets, _SECRETS)
 
 _image = (
@@ -144,40 +144,47 @@ def _train(stage: str, cmd: list[str], exp_dir: str, base_model: str, env: dict[
         _commit()
 
 
-def _train_sft(extra: list[str] | None = None) -> None:
+def _on_this_node(stage: str, cmd: list[str]) -> tuple[list[str], bool]:
+    """The command this container runs, and whether it keeps the run's record: ``cmd`` itself on one
+    node; on a cluster, ``cmd`` through recipe.retool.cluster with this container's rank and every
+    container's address (rank 0 starts the Ray head or the rendezvous, the others join it)."""
+    if EXP.nodes == 1:
+        return cmd, True
+    node = modal.Cluster.from_context()
+    rank = node.container_rank()
+    return launcher.node_command(EXP, stage, rank, node.container_ips(family="ipv4"), cmd), rank == 0
+
+
+def _clustered(fn):
+    """One container per node when the experiment has several (each takes all of its host's GPUs)."""
+    return modal.clustered(size=EXP.nodes)(fn) if EXP.nodes > 1 else fn
+
+
+@app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft)
+@_clustered
+def train_sft() -> None:
     _reload()
-    rank = 0
-    if EXP.nodes > 1:
-        info = modal.experimental.get_cluster_info()
-        rank = info.rank
-        os.environ.update(NODE_RANK=str(info.rank), MASTER_ADDR=info.container_ips[0], MASTER_PORT="29500")
     model = _ensure_model(EXP.model)
-    _train("sft", launcher.sft_command(EXP, model, extra or []), launcher.sft_checkpoint_root(EXP), EXP.model,
-           record=rank == 0)
-
-
-if EXP.nodes > 1:  # multi-node SFT: a Modal cluster, one container per node, torchrun across them
-    train_sft = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
-                         name="train_sft")(modal.experimental.clustered(size=EXP.nodes)(_train_sft))
-else:
-    train_sft = app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft,
-                         name="train_sft")(_train_sft)
+    cmd, record = _on_this_node("sft", launcher.sft_command(EXP, model))
+    _train("sft", cmd, launcher.sft_checkpoint_root(EXP), EXP.model, record=record)
 
 
 def _train_grpo(sft_checkpoint: str | None = None, extra: list[str] | None = None) -> None:
     _reload()
-    cmd = launcher.grpo_command(EXP, sft_checkpoint, extra or [])
+    cmd, record = _on_this_node("grpo", launcher.grpo_command(EXP, sft_checkpoint, extra or []))
     _train("grpo", cmd, launcher.grpo_checkpoint_root(EXP),
            sft_checkpoint or EXP.grpo.sft_checkpoint or launcher.sft_checkpoint_root(EXP),
-           env={SANDBOX_URL_ENV: _sandbox_url()})
+           env={SANDBOX_URL_ENV: _sandbox_url()}, record=record)
 
 
 @app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.grpo)
+@_clustered
 def train_grpo(sft_checkpoint: str = "") -> None:
     _train_grpo(sft_checkpoint or None)
 
 
 @app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.grpo)
+@_clustered
 def train_dapo(sft_checkpoint: str = "") -> None:
     """Alias of train_grpo (the RL data is DAPO-Math-17k)."""
     _train_grpo(sft_checkpoint or None)
