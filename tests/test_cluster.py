@@ -86,9 +86,12 @@ def test_two_nodes_join_run_the_command_on_the_head_and_leave_nothing_behind(tmp
             "--port", str(port), "--gpus", "1", "--cpus", "2"]
     logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
     worker = subprocess.Popen([*base, "--rank", "1"], env=env, cwd=ROOT, stdout=logs[1].open("w"), stderr=subprocess.STDOUT)
-    head = subprocess.run([*base, "--rank", "0", "--", sys.executable, "-c", PROBE], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
-    assert worker.wait(timeout=60) == 0, logs[1].read_text()[-2000:]
+    try:
+        head = subprocess.run([*base, "--rank", "0", "--", sys.executable, "-c", PROBE], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=240)
+        assert worker.wait(timeout=60) == 0, logs[1].read_text()[-2000:]
+    finally:
+        _terminate(worker)
     assert head.returncode == 0, head.stderr[-3000:]
     # the command ran once, on the head, against both nodes (each offering one GPU slot)
     assert f"NODES [1.0, 1.0] 127.0.0.1:{port}" in head.stdout
@@ -98,3 +101,64 @@ def test_two_nodes_join_run_the_command_on_the_head_and_leave_nothing_behind(tmp
     assert not [line for line in left if "pgrep" not in line], left
     default_record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     assert not default_record.exists() or f":{port}" not in default_record.read_text()
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # the runner stops its Ray processes on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _left_running(port: int) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", f"retool-ray-{port}|sleep 417"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.slow  # starts Ray
+@pytest.mark.timeout(300)
+def test_a_node_whose_ray_cannot_join_fails_and_the_head_gives_up(tmp_path):
+    """A worker with the wrong token: its `ray start` is refused while the head still answers, so it
+    exits non-zero at once (not 0, as if the run had ended); the head stops waiting at its time-out."""
+    from recipe.retool.processes import free_port
+
+    port = free_port()
+    base = [sys.executable, "-m", "recipe.retool.cluster", "--launcher", "ray", "--addresses", "127.0.0.1,127.0.0.1",
+            "--port", str(port), "--gpus", "0", "--cpus", "1"]
+    head = subprocess.Popen([*base, "--rank", "0", "--join-timeout", "30", "--", "true"], cwd=ROOT,
+                            env={**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(16)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        worker = subprocess.run([*base, "--rank", "1"], cwd=ROOT, env={**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(16)},
+                                capture_output=True, text=True, timeout=200)
+        assert worker.returncode != 0 and "this node's Ray exited" in worker.stderr, worker.stderr[-2000:]
+        out, _ = head.communicate(timeout=200)
+        assert head.returncode == 2 and "2 nodes in the Ray cluster: not after 30 s" in out, out[-2000:]
+    finally:
+        _terminate(head)
+    assert not _left_running(port)
+
+
+@pytest.mark.slow  # starts Ray
+@pytest.mark.timeout(300)
+def test_a_terminated_head_stops_its_command_and_its_ray(tmp_path):
+    from recipe.retool.processes import free_port
+
+    port = free_port()
+    head = subprocess.Popen([sys.executable, "-m", "recipe.retool.cluster", "--launcher", "ray", "--rank", "0",
+                             "--addresses", "127.0.0.1", "--port", str(port), "--gpus", "0", "--cpus", "1", "--",
+                             "sleep", "417"], cwd=ROOT, env={**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(16)},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in head.stderr:  # wait until the command runs
+            if "running the command" in line:
+                break
+        assert _left_running(port)  # Ray and the command are up
+        head.terminate()
+        assert head.wait(timeout=90) == 128 + 15
+    finally:
+        if head.poll() is None:
+            head.kill()
+    assert not _left_running(port)

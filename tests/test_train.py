@@ -253,3 +253,16 @@ def test_grpo_on_a_running_ray_cluster_hands_its_environment_to_the_job(tiny_mod
     assert job.num_cpus is None and job.num_gpus is None
     assert job.runtime_env.env_vars["RETOOL_SANDBOX_URL"] == "http://sb:8080"
     assert job.runtime_env.env_vars["VERL_PLATFORM"] == "cpu"  # the config's own entries stay
+
+
+@pytest.mark.parametrize("value", ["http://sb:8080/x", r"C:\runs\a b", "it's", "ends\\", r"a\'b", "${oc.env:HOME}", "x\\${y}"])
+def test_values_handed_to_a_clusters_job_read_back_unchanged(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from recipe.retool.train import _hydra_quote
+
+    (override,) = OverridesParser.create().parse_overrides([f"++a.b={_hydra_quote(value)}"])
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"a": {"b": override.value()}})
+    assert OmegaConf.to_container(cfg, resolve=True)["a"]["b"] == value

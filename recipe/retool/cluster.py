@@ -130,8 +130,11 @@ def alive_nodes(address: str, env: Mapping[str, str]) -> list[dict]:
     probe = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
              "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'resources': n['Resources']} "
              "for n in ray.nodes() if n['Alive']]))" % address)
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **env},
-                          timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **env},
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        return []  # asked again on the next look
     if proc.returncode != 0:
         return []
     import json
@@ -214,8 +217,13 @@ def run_ray_worker(cluster: Cluster, token: str, gpus: int | None = None, cpus: 
             else:
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > gone_after:
-                    break
+                    say(cluster, "the head is gone; leaving")
+                    return 0
             time.sleep(2.0)
+        if reachable(cluster.head, cluster.port):  # this node's Ray ended under a live head: it never joined or it crashed
+            say(cluster, f"error: this node's Ray exited ({ray_proc.returncode}) while the head still answers "
+                         "(a wrong RAY_AUTH_TOKEN, or a crash: see its output above)")
+            return ray_proc.returncode or 1
         say(cluster, "the head is gone; leaving")
         return 0
     finally:
@@ -256,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(own)
     if not cmd and (args.launcher == "torchrun" or args.rank == 0):
         p.error("the command to run goes after '--'")
+    # a plain `kill` (or a scheduler's) ends the run like Ctrl-C: the finally blocks stop this node's
+    # Ray processes and the command, which live in sessions of their own
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         port = args.port or (RAY_PORT if args.launcher == "ray" else TORCH_PORT)
         cluster = Cluster(args.rank, tuple(a.strip() for a in args.addresses.split(",") if a.strip()), port)

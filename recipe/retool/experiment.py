@@ -144,6 +144,8 @@ class Experiment:
     gpu: str = "H100"
     gpus: int = 8
     nodes: int = 1
+    # several nodes on Modal: ask for its RDMA network between them (the FSDP collectives cross it)
+    rdma: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     data: DataSources = field(default_factory=DataSources)
     sft: SftStage = field(default_factory=SftStage)

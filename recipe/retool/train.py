@@ -348,7 +348,11 @@ def ray_cluster_overrides(cfg, env: Mapping[str, str]) -> list[str]:
 
 
 def _hydra_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """``value`` as a quoted string of Hydra's override grammar, read back unchanged: a backslash is
+    an escape only before a quote or the closing quote, and ``${`` would start an interpolation."""
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)  # literal: \${, and its backslashes doubled
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _verl_version() -> str:
@@ -447,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if precision.line:
         print(precision.line, flush=True)
     print(shlex.join(cmd), flush=True)
-    if env.get(FILE_LOGGER_ENV):
+    if env.get(FILE_LOGGER_ENV) and env.get("NODE_RANK", "0") == "0":  # one node of a cluster keeps the file
         metrics = Path(env[FILE_LOGGER_ENV])
         metrics.parent.mkdir(parents=True, exist_ok=True)
         set_aside(metrics)  # verl truncates it: a resumed run keeps the earlier launches' metrics

@@ -499,7 +499,7 @@ def test_modal_clusters_the_training_functions_of_a_multi_node_experiment(tmp_pa
     # Modal keeps a function's cluster size inside its definition: record what modal.clustered is given
     code = ("import json, modal\nsizes = {}\nreal = modal.clustered\n"
             "def clustered(*, size, **kw):\n"
-            "    def deco(fn):\n        sizes[fn.__name__] = size\n        return real(size=size, **kw)(fn)\n    return deco\n"
+            "    def deco(fn):\n        sizes[fn.__name__] = [size, kw.get('rdma')]\n        return real(size=size, **kw)(fn)\n    return deco\n"
             "modal.clustered = clustered\nimport recipe.retool.cloud.modal_app as m\nprint(json.dumps(sizes))")
     environ = {k: v for k, v in os.environ.items() if k not in launcher.FORWARDED_ENV}
     runs = {}
@@ -508,4 +508,39 @@ def test_modal_clusters_the_training_functions_of_a_multi_node_experiment(tmp_pa
                               env={**environ, "RETOOL_MODAL_CONFIG": str(path)})
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[nodes] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert runs == {2: {"train_sft": 2, "train_grpo": 2, "train_dapo": 2}, 1: {}}
+    assert runs == {2: {"train_sft": [2, True], "train_grpo": [2, True], "train_dapo": [2, True]}, 1: {}}
+
+
+def test_each_container_of_a_modal_cluster_runs_its_rank_of_the_plan(tmp_path):
+    """modal_app's containers read their rank and the cluster's IPv4 addresses from Modal (stood in
+    for here: no Modal cloud) and run launcher.node_command with them; rank 0 keeps the run's record."""
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text((REPO / "config" / "experiments" / "default.yaml").read_text().replace("\nnodes: 1 ", "\nnodes: 2 "))
+    code = ("import json, modal\n"
+            "class Here:\n"
+            "    def container_rank(self): return 1\n"
+            "    def container_ips(self, family='ipv6'): return {'ipv4': ['10.1.0.5', '10.1.0.6']}[family]\n"
+            "modal.Cluster.from_context = staticmethod(lambda: Here())\n"
+            "import recipe.retool.cloud.modal_app as m\n"
+            "print(json.dumps({s: m._on_this_node(s, ['python', '-m', 'x', s]) for s in ('sft', 'grpo')}))")
+    environ = {k: v for k, v in os.environ.items() if k not in launcher.FORWARDED_ENV}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**environ, "RETOOL_MODAL_CONFIG": str(cfg)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    exp = load_experiment(cfg, environ={})
+    for stage in ("sft", "grpo"):
+        cmd, record = got[stage]
+        assert cmd == launcher.node_command(exp, stage, 1, ["10.1.0.5", "10.1.0.6"], ["python", "-m", "x", stage])
+        assert record is False  # rank 1: rank 0 writes run_info.json and stamps the checkpoints
+
+
+def test_a_cluster_takes_whole_hosts_and_asks_for_rdma():
+    two = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["nodes=2"], environ={})
+    assert launcher.cluster_problems(two) == [] and two.rdma is True
+    half = load_experiment(REPO / "config" / "experiments" / "default.yaml", ["nodes=2", "gpus=4"], environ={})
+    (problem,) = launcher.cluster_problems(half)
+    assert "each take all 8 GPUs of their host" in problem
+    assert launcher.main(["--dry-run", "nodes=2", "gpus=4"]) == 2
+    assert launcher.cluster_problems(load_experiment(REPO / "config" / "experiments" / "default.yaml", ["gpus=4"],
+                                                     environ={})) == []

@@ -133,20 +133,34 @@ def test_sft_at_two_ranks_matches_one_rank_and_its_shards_resume_and_merge(one_r
     assert max(float((v - base[k]).abs().max()) for k, v in one.items() if k in base) > 5e-3
 
 
-def _cluster(launcher: str, rank: int, port: int, cmd: list[str], env: dict, log: Path, nodes: str = TWO_NODES,
-             extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    args = [sys.executable, "-m", "recipe.retool.cluster", "--launcher", launcher, "--rank", str(rank),
-            "--addresses", nodes, "--port", str(port), *extra, "--", *cmd]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+def _experiment(**kw):
+    from recipe.retool.cloud.launcher import load_experiment
+
+    return load_experiment(ROOT / "config" / "experiments" / "default.yaml", [f"{k}={v}" for k, v in kw.items()],
+                           environ={})
+
+
+def _node(stage: str, rank: int, port: int, cmd: list[str], env: dict, log: Path, **node) -> subprocess.Popen:
+    """One node of a two-node cluster on this machine: the command a Modal cluster's container runs
+    (``launcher.node_command``), given the rank and addresses Modal would give it."""
+    from recipe.retool.cloud.launcher import node_command
+
+    args = node_command(_experiment(gpus=1, nodes=2), stage, rank, TWO_NODES.split(","), cmd, port=port, **node)
+    return subprocess.Popen([sys.executable, *args[1:]], cwd=ROOT, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
 
 
 def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
-        for p in procs:
+        for p in procs:  # SIGTERM first: the runner then stops its Ray processes and its command
             if p.poll() is None:
-                p.kill()
+                p.terminate()
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
     tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-3000:] for log in logs)
     assert codes == [0] * len(procs), tails
 
@@ -160,7 +174,7 @@ def test_sft_on_two_nodes_through_the_cluster_runner(one_rank, tiny_model_dir, s
     cmd = sft_command(tiny_model_dir, _data_dir(sample_data), tmp_path, "n2", STEPS,
                       ["trainer.nnodes=2", "trainer.n_gpus_per_node=1", f"trainer.save_freq={STEPS}"])
     port, logs = free_port(), [tmp_path / "rank0.log", tmp_path / "rank1.log"]
-    procs = [_cluster("torchrun", rank, port, cmd, dict(os.environ), logs[rank]) for rank in (0, 1)]
+    procs = [_node("sft", rank, port, cmd, dict(os.environ), logs[rank]) for rank in (0, 1)]
     _finish(procs, logs, timeout=500)
     run = Path(run_dir(tmp_path, "sft", "n2"))
     _shards(run / f"global_step_{STEPS}", 2)
@@ -207,10 +221,10 @@ def test_grpo_on_a_ray_cluster_of_two_nodes(tmp_path):
     needs both nodes' slots, and runs our tool, sandbox and reward across them."""
     env = {**os.environ, "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     port, logs = free_port(), [tmp_path / "rank0.log", tmp_path / "rank1.log"]
-    node = ("--gpus", "1", "--cpus", "8")  # one logical trainer slot per node (the CPU platform's GPU)
-    worker = _cluster("ray", 1, port, [], env, logs[1], extra=node)
-    head = _cluster("ray", 0, port, _mini_grpo(tmp_path / "run", "--skip-resume", "--extra", "trainer.nnodes=2",
-                                                 "trainer.n_gpus_per_node=1"), env, logs[0], extra=node)
+    # gpus=1: one logical trainer slot per node (the CPU platform's GPU); cpus: Ray's scheduling slots
+    worker = _node("grpo", 1, port, [], env, logs[1], cpus=8)
+    head = _node("grpo", 0, port, _mini_grpo(tmp_path / "run", "--skip-resume", "--extra", "trainer.nnodes=2",
+                                              "trainer.n_gpus_per_node=1"), env, logs[0], cpus=8)
     _finish([head, worker], logs, timeout=1100)
     text = logs[0].read_text()
     assert "2 nodes joined (16 CPU, 2 GPU)" in text and "Ray head stopped" in text

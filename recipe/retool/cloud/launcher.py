@@ -59,7 +59,7 @@ from recipe.retool.stages import server_ready_url
 
 # The keys the launcher takes from a local .env (others there are ignored): sent to the containers as a
 # Modal secret together with the named secrets of Modal's secret store (``secrets:`` in the config)
-SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", SANDBOX_TOKEN_ENV)
+SECRET_KEYS = ("HF_TOKEN", "WANDB_API_KEY", "SWANLAB_API_KEY", SANDBOX_TOKEN_ENV, TOKEN_ENV)
 ENV_FILE = REPO_ROOT / ".env"
 # the bearer token of the sandbox web endpoint: its server requires it, our tool and evaluation send it
 # The one declaration of every dependency: `dependencies` (every install) and the extras; the Modal
@@ -127,8 +127,10 @@ def node_command(exp: Experiment, stage: str, rank: int | str, addresses: Sequen
 
 
 def with_cluster_token(exp: Experiment, env_values: Mapping[str, str]) -> dict[str, str]:
-    """The secrets sent to the containers, with the Ray cluster's shared token when GRPO spans
-    several nodes: one random value per launch unless ``.env`` or the store gives one."""
+    """The ``.env`` secrets sent to the containers, with the Ray cluster's shared token when the
+    stages span several nodes: ``RAY_AUTH_TOKEN`` from ``.env``, else a random one made when the app is
+    defined (each ``modal run``; a ``modal deploy`` keeps its own). It comes after the store's
+    secrets, so a token kept there is replaced by this one, the same on every node."""
     out = dict(env_values)
     if exp.nodes > 1 and not out.get(TOKEN_ENV):
         import secrets
@@ -362,6 +364,18 @@ def attention_problems(exp: Experiment) -> list[str]:
     return problems
 
 
+GPUS_PER_HOST = 8  # H100 / H200 / A100 hosts
+
+
+def cluster_problems(exp: Experiment) -> list[str]:
+    """What Modal would refuse of a multi-node experiment: each container of a cluster takes every GPU
+    of its host."""
+    if exp.nodes > 1 and exp.gpus != GPUS_PER_HOST:
+        return [f"nodes: {exp.nodes} with gpus: {exp.gpus}: a Modal cluster's containers each take all "
+                f"{GPUS_PER_HOST} GPUs of their host (gpus: {GPUS_PER_HOST}, or nodes: 1)"]
+    return []
+
+
 def plan(exp: Experiment) -> dict[str, dict[str, Any]]:
     """Every Modal function: its commands and resources (what ``--dry-run`` prints)."""
     gpu = f"{exp.gpu}:{exp.gpus}"
@@ -423,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    problems = attention_problems(exp)
+    problems = attention_problems(exp) + cluster_problems(exp)
     if problems:
         print("error: the cloud run would be refused at launch:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2

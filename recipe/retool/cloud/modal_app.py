@@ -29,7 +29,7 @@ from recipe.retool.settings import SANDBOX_URL_ENV
 
 REPO = launcher.REPO_ROOT
 EXP = launcher.load_experiment(os.environ.get("RETOOL_MODAL_CONFIG") or None)
-if modal.is_local() and (_refused := launcher.attention_problems(EXP)):  # before any image is built
+if modal.is_local() and (_refused := launcher.attention_problems(EXP) + launcher.cluster_problems(EXP)):  # before any image is built
     raise SystemExit("error: the cloud run would be refused at launch:\n  " + "\n  ".join(_refused))
 # RETOOL_EXPERIMENTER / RETOOL_EXPERIMENT from the local shell, set again in every container (where
 # this file is imported once more), so that paths computed there name the same experiment. Computed
@@ -157,7 +157,7 @@ def _on_this_node(stage: str, cmd: list[str]) -> tuple[list[str], bool]:
 
 def _clustered(fn):
     """One container per node when the experiment has several (each takes all of its host's GPUs)."""
-    return modal.clustered(size=EXP.nodes)(fn) if EXP.nodes > 1 else fn
+    return modal.clustered(size=EXP.nodes, rdma=EXP.rdma)(fn) if EXP.nodes > 1 else fn
 
 
 @app.function(image=image, volumes=VOLUMES, secrets=SECRETS, env=ENV, gpu=GPU, timeout=T.sft)
