@@ -270,7 +270,7 @@ async def test_the_agent_loop_tells_the_turn_limit_from_the_length_limit(grpo_cf
 
 
 def test_a_runs_consistency_summary_and_report_card_rows(tmp_path):
-    from recipe.retool.dev.miniature import consistency_rows
+    from recipe.retool.consistency import consistency_rows
 
     c = "consistency/"
     steps = {1: {"critic/score/mean": 0.1, c + "logprob_diff/mean": 1e-6, c + "logprob_diff/max": 4e-5,
@@ -298,3 +298,14 @@ def test_a_runs_consistency_summary_and_report_card_rows(tmp_path):
     assert "1 of 128 checked trajectories; first at step 2, token 300 (context)" in rows[1]
     assert "tool calls per trajectory 1.00" in rows[2] and "turn limit 25.0%" in rows[2]
     assert "not measured" in consistency_rows("grpo", {})[0]
+
+
+def test_turns_of_another_tool_call_format_are_left_out_of_the_invalid_share():
+    from recipe.retool.consistency import Record, tool_health
+
+    hermes = Record(assistant_turns=4, invalid_turns=1, tool_calls=3).as_dict()
+    other = Record(assistant_turns=4, invalid_turns=0, tool_calls=2, calls_read=False).as_dict()
+    mixed = tool_health([hermes, other])
+    assert mixed["consistency/tool_calls/invalid_turn_share"] == 0.25  # of the read turns only
+    assert mixed["consistency/tool_calls/per_trajectory"] == 2.5
+    assert "consistency/tool_calls/invalid_turn_share" not in tool_health([other])  # not 0: not measured

@@ -4,6 +4,7 @@ stages skipped, with their commands), and its commands the same as the cloud pla
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -39,6 +40,21 @@ def test_every_cpu_stage_runs_and_the_gpu_stages_show_their_commands(tmp_path, t
     assert main(args) == 0
     assert (tmp_path / "data" / "rl" / "train.parquet").stat().st_mtime_ns == before
     assert "done earlier" in (tmp_path / "report.md").read_text()
+    # a GRPO run's consistency (here a metrics file as a GPU node's run leaves it) is on the report
+    from recipe.retool.metrics import metrics_path
+    from recipe.retool.stages import run_dir
+
+    exp = load_experiment(None, args[2:])  # as the pipeline reads it
+    grpo_run = Path(run_dir(tmp_path / "checkpoints", "grpo", exp.grpo_name))
+    grpo_run.mkdir(parents=True)
+    metrics_path(grpo_run).write_text(json.dumps({"step": 1, "data": {
+        "consistency/logprob_diff/mean": 0.002, "consistency/logprob_diff/max": 0.31,
+        "consistency/logprob_diff/share_above_tol": 0.001, "consistency/token_drift/checked": 64.0,
+        "consistency/token_drift/mismatched": 0.0}}) + "\n")
+    assert main(args) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "GRPO: rollout vs trainer log-probs" in report and "max 3.10e-01" in report
+    assert "GRPO: token drift against the chat template: 0 of 64 checked" in report
     # another GRPO budget prefilters the RL files again, and keeps the SFT file
     assert main([*args, "grpo.overrides=[data.max_prompt_length=300]"]) == 0
     figures = json.loads((tmp_path / "report.json").read_text())["stages"][1]["figures"]

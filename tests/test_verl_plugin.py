@@ -102,3 +102,15 @@ def test_verl_loads_the_plugin_and_its_trainer_computes_step_metrics_through_it(
                          capture_output=True, text=True, timeout=300, env={"VERL_USE_EXTERNAL_PLUGINS": "none",
                                                                             "PATH": "/usr/bin:/bin"})
     assert off.stdout.strip() == "False", off.stderr[-2000:]  # verl's switch turns it off
+
+
+def test_no_log_prob_gap_is_reported_where_verl_takes_the_rollouts_as_its_own():
+    """verl's bypass mode sets old_log_probs to the rollout's: a gap of 0 that would prove nothing."""
+    from omegaconf import OmegaConf
+
+    step = verl_plugin.StepData(extra_fields=[], rollout_log_probs=torch.tensor([[-1.0]]),
+                                old_log_probs=torch.tensor([[-1.5]]), response_mask=torch.tensor([[1]]))
+    plain = OmegaConf.create({"retool": {"consistency": {"logprob_tol": 0.1}}})
+    bypass = OmegaConf.merge(plain, {"algorithm": {"rollout_correction": {"bypass_mode": True}}})
+    assert verl_plugin.step_metrics(step, plain)[0]["consistency/logprob_diff/max"] == 0.5
+    assert not any(k.startswith("consistency/logprob_diff") for k in verl_plugin.step_metrics(step, bypass)[0])

@@ -45,7 +45,10 @@ class RetoolAgentLoop(VerlToolAgentLoop):
         super().__init__(*args, **kwargs)
         sample = OmegaConf.select(self.config, "retool.consistency.drift_sample", default=0) or 0
         self.drift_rate = drift_rate(int(sample), int(self.config.data.train_batch_size), int(self.rollout_config.n))
-        self.record = Record()
+        # tool calls are read in the hermes format (the template's multi_turn.format); another format's
+        # turns are not read, and the invalid-call share leaves them out rather than count them as valid
+        self.read_calls = str(self.rollout_config.multi_turn.format) == "hermes"
+        self.record = Record(calls_read=self.read_calls)
         self._agent_data = None
 
     async def run(self, sampling_params: dict[str, Any], **kwargs):
@@ -77,7 +80,7 @@ class RetoolAgentLoop(VerlToolAgentLoop):
         finished = bool(ids) and ids[-1] in set(self.tokenizer.all_special_ids)  # ended on its end-of-turn token
         schemas = tool_schemas(getattr(agent_data, "_active_tool_schemas", self.tool_schemas))
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        blocks, problems = turn_calls(text, schemas, finished=finished)
+        blocks, problems = turn_calls(text, schemas, finished=finished) if self.read_calls else (0, [])
         self.record.assistant_turns += 1
         if problems:
             self.record.invalid_turns += 1

@@ -245,6 +245,7 @@ class Record:
 
     assistant_turns: int = 0
     invalid_turns: int = 0  # turns with a tool call that does not parse or fit its schema
+    calls_read: bool = True  # whether its turns were read for tool calls (the hermes format only)
     tool_calls: int = 0  # calls the loop ran
     cut: str = ""  # turns | length | "" (ended on its own)
     drift_checked: bool = False
@@ -268,10 +269,12 @@ def tool_health(records: Sequence[Mapping]) -> dict[str, float]:
     """Tool-call health of a step's trajectories (their :class:`Record` dicts)."""
     if not records:
         return {}
-    turns = sum(r["assistant_turns"] for r in records)
+    read = [r for r in records if r.get("calls_read", True)]  # another tool-call format: not read, not counted
+    turns = sum(r["assistant_turns"] for r in read)
     n = len(records)
+    invalid = {f"{PREFIX}/tool_calls/invalid_turn_share": sum(r["invalid_turns"] for r in read) / turns if turns else 0.0}
     return {
-        f"{PREFIX}/tool_calls/invalid_turn_share": sum(r["invalid_turns"] for r in records) / turns if turns else 0.0,
+        **(invalid if read else {}),
         f"{PREFIX}/tool_calls/per_trajectory": sum(r["tool_calls"] for r in records) / n,
         f"{PREFIX}/cut/turn_limit_share": sum(r["cut"] == CUT_TURNS for r in records) / n,
         f"{PREFIX}/cut/length_limit_share": sum(r["cut"] == CUT_LENGTH for r in records) / n,
@@ -333,3 +336,37 @@ def first_drift(run_dir) -> dict | None:
         if line.strip():
             return json.loads(line)
     return None
+
+
+def consistency_rows(name: str, checks: dict[str, Any]) -> list[str]:
+    """The report card's consistency lines of one GRPO run (recipe/retool/consistency.py; targets in
+    docs/miniature.md): rollout vs trainer log-probs, token drift, tool-call health."""
+    c, drift = checks.get("summary") or {}, checks.get("first_drift")
+    if not c:
+        return [f"- {name}: consistency not measured (the recipe's verl plugin was not loaded: install the package)"]
+    rows = []
+    if "logprob_diff/max" in c:
+        rows.append(f"- {name}: rollout vs trainer log-probs, |Δ| on generated tokens over {c['steps']:.0f} steps: "
+                    f"mean {c['logprob_diff/mean']:.2e}, max {c['logprob_diff/max']:.2e}, "
+                    f"tokens above the tolerance {100 * c.get('logprob_diff/share_above_tol', float('nan')):.2f}%")
+    if "token_drift/checked" in c:
+        line = (f"- {name}: token drift against the chat template: {c['token_drift/mismatched']:.0f} of "
+                f"{c['token_drift/checked']:.0f} checked trajectories")
+        if drift:
+            line += (f"; first at step {drift['step']}, token {drift['position']} ({drift['where']}): rollout "
+                     f"`{drift['rollout']!r}`, template `{drift['template']!r}`")
+        rows.append(line)
+    if "tool_calls/per_trajectory" in c:
+        rows.append(f"- {name}: tool calls per trajectory {c['tool_calls/per_trajectory']:.2f}, assistant turns with an "
+                    f"invalid call {100 * c['tool_calls/invalid_turn_share']:.1f}%, trajectories cut by the turn limit "
+                    f"{100 * c['cut/turn_limit_share']:.1f}% and by the length limit {100 * c['cut/length_limit_share']:.1f}% "
+                    f"(means over steps)")
+    return rows
+
+
+def run_checks(run_dir) -> dict[str, Any]:
+    """A GRPO run's consistency, from the files it left (its metrics and its first token drift):
+    what :func:`consistency_rows` reports."""
+    from recipe.retool.metrics import read_metrics
+
+    return {"summary": run_summary(read_metrics(run_dir)), "first_drift": first_drift(run_dir)}

@@ -33,7 +33,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from recipe.retool.consistency import consistency_rows, run_checks
 from recipe.retool.experiment import ConfigError, Experiment, Layout, commands, load_experiment
+from recipe.retool.metrics import metrics_path
 from recipe.retool.processes import LocalSandbox, stop_process, wait_until_healthy
 from recipe.retool.settings import DEFAULT_SANDBOX_URL, SANDBOX_PORT, SANDBOX_URL_ENV
 from recipe.retool.stages import Runner, Stage, run_logged, sandbox_command, say, server_ready_url, tail, write_report
@@ -189,6 +191,9 @@ class Pipeline:
         runner.run_all(plan, cleanup=lambda: self.sandbox and self.sandbox.stop())
         head = [f"Experiment {self.exp.experimenter}/{self.exp.experiment}: {self.exp.model}, "
                 f"{self.gpus or 'no'} GPU(s) here; output `{self.out}`."]
+        grpo_run = Path(self.cmds["grpo_root"])
+        if metrics_path(grpo_run).exists():  # the GRPO run's consistency: rollout vs trainer, drift, tool calls
+            head += ["", *consistency_rows("GRPO", run_checks(grpo_run))]
         report = write_report(self.out, "ReTool pipeline report", runner.stages, head,
                               {"experiment": self.exp.experiment, "gpus": self.gpus}, None)
         say(f"\nreport: {report}")

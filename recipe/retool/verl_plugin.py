@@ -63,7 +63,10 @@ def step_metrics(step: StepData, config) -> tuple[dict[str, float], dict | None]
     from recipe.retool import consistency
 
     metrics = reward_metrics(step.extra_fields)
-    if step.rollout_log_probs is not None:
+    # in verl's bypass mode the trainer takes the rollout's log-probs as its own: a gap of 0 by
+    # construction, so none is reported
+    bypass = OmegaConf.select(config, "algorithm.rollout_correction.bypass_mode", default=False)
+    if step.rollout_log_probs is not None and step.old_log_probs is not None and not bypass:
         tol = OmegaConf.select(config, "retool.consistency.logprob_tol", default=None)
         metrics.update(consistency.logprob_gap(step.rollout_log_probs, step.old_log_probs, step.response_mask,
                                                None if tol is None else float(tol)))

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.retool import PACKAGE_DIR
-from recipe.retool.consistency import first_drift, run_summary
+from recipe.retool.consistency import consistency_rows, first_drift, run_summary
 from recipe.retool.metrics import MetricsTail, metrics_path, read_metrics
 from recipe.retool.settings import SANDBOX_URL_ENV
 from recipe.retool.stages import (
@@ -383,32 +383,6 @@ def write_mini_report(out: Path, s: MiniSettings, stages: Sequence[Stage], resul
         head += consistency_rows(name, data.get("consistency") or {})
     return write_report(out, "ReTool miniature: report card", stages, head,
                         {"settings": asdict(s), "results": results}, seconds)
-
-
-def consistency_rows(name: str, checks: dict[str, Any]) -> list[str]:
-    """The report card's consistency lines of one GRPO run (recipe/retool/consistency.py; targets in
-    docs/miniature.md): rollout vs trainer log-probs, token drift, tool-call health."""
-    c, drift = checks.get("summary") or {}, checks.get("first_drift")
-    if not c:
-        return [f"- {name}: consistency not measured (the recipe's verl plugin was not loaded: install the package)"]
-    rows = []
-    if "logprob_diff/max" in c:
-        rows.append(f"- {name}: rollout vs trainer log-probs, |Δ| on generated tokens over {c['steps']:.0f} steps: "
-                    f"mean {c['logprob_diff/mean']:.2e}, max {c['logprob_diff/max']:.2e}, "
-                    f"tokens above the tolerance {100 * c.get('logprob_diff/share_above_tol', float('nan')):.2f}%")
-    if "token_drift/checked" in c:
-        line = (f"- {name}: token drift against the chat template: {c['token_drift/mismatched']:.0f} of "
-                f"{c['token_drift/checked']:.0f} checked trajectories")
-        if drift:
-            line += (f"; first at step {drift['step']}, token {drift['position']} ({drift['where']}): rollout "
-                     f"`{drift['rollout']!r}`, template `{drift['template']!r}`")
-        rows.append(line)
-    if "tool_calls/per_trajectory" in c:
-        rows.append(f"- {name}: tool calls per trajectory {c['tool_calls/per_trajectory']:.2f}, assistant turns with an "
-                    f"invalid call {100 * c['tool_calls/invalid_turn_share']:.1f}%, trajectories cut by the turn limit "
-                    f"{100 * c['cut/turn_limit_share']:.1f}% and by the length limit {100 * c['cut/length_limit_share']:.1f}% "
-                    f"(means over steps)")
-    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
