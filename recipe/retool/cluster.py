@@ -23,6 +23,7 @@ own process group and stopped with it, so other Ray instances on the machine are
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -96,7 +97,7 @@ def ray_start_command(cluster: Cluster, gpus: int | None = None, cpus: int | Non
         cmd += ["--head", f"--port={cluster.port}", "--include-dashboard=false"]
     else:
         cmd += [f"--address={cluster.head_address}"]
-    if cluster.rank < len(cluster.addresses) and cluster.addresses[cluster.rank] not in ("127.0.0.1", "localhost"):
+    if cluster.addresses[cluster.rank] not in ("127.0.0.1", "localhost"):  # Ray finds a loopback node's IP itself
         cmd.append(f"--node-ip-address={cluster.addresses[cluster.rank]}")
     if gpus is not None:
         cmd.append(f"--num-gpus={gpus}")
@@ -137,8 +138,6 @@ def alive_nodes(address: str, env: Mapping[str, str]) -> list[dict]:
         return []  # asked again on the next look
     if proc.returncode != 0:
         return []
-    import json
-
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
