@@ -16,7 +16,7 @@ of one's own, the same command with the ranks written out does the same.
   ``MASTER_PORT`` set, which ``recipe.retool.train`` hands to torchrun's rendezvous on rank 0.
 
 The exit status is COMMAND's on rank 0 (and on every rank with torchrun); a worker node of a Ray
-cluster exits 0 once the head is gone, 1 if it could not join. Ray's processes are started in their
+cluster exits 0 once the head is gone, non-zero if its Ray could not join or crashed. Ray's processes are started in their
 own process group and stopped with it, so other Ray instances on the machine are left alone.
 """
 
@@ -216,13 +216,13 @@ def run_ray_worker(cluster: Cluster, token: str, gpus: int | None = None, cpus: 
             else:
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > gone_after:
-                    say(cluster, "the head is gone; leaving")
-                    return 0
+                    break
             time.sleep(2.0)
-        if reachable(cluster.head, cluster.port):  # this node's Ray ended under a live head: it never joined or it crashed
-            say(cluster, f"error: this node's Ray exited ({ray_proc.returncode}) while the head still answers "
-                         "(a wrong RAY_AUTH_TOKEN, or a crash: see its output above)")
-            return ray_proc.returncode or 1
+        else:  # this node's Ray ended first: under a live head, it never joined or it crashed
+            if reachable(cluster.head, cluster.port):
+                say(cluster, f"error: this node's Ray exited ({ray_proc.returncode}) while the head still answers "
+                             "(a wrong RAY_AUTH_TOKEN, or a crash: see its output above)")
+                return ray_proc.returncode or 1
         say(cluster, "the head is gone; leaving")
         return 0
     finally:
